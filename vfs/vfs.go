@@ -38,8 +38,9 @@ type File interface {
 	io.ReaderAt
 	// WriteAt writes len(p) bytes at off (pwrite semantics), extending the
 	// file when the range lies beyond its end; the gap reads as zeros. A
-	// short write returns a non-nil error. The caller may reuse p after the
-	// call returns.
+	// short write returns a non-nil error. An empty p writes nothing and
+	// does not extend the file. The caller may reuse p after the call
+	// returns.
 	io.WriterAt
 	// Truncate sets the file size; bytes beyond it are discarded and a
 	// grown range reads as zeros. Not durable until Sync or Datasync.
