@@ -215,7 +215,11 @@ func (im *Image) entryExtent(table []uint64, l2off uint64, l2i, in int64) (exten
 	if host%uint64(cs) != 0 {
 		return extent{}, formatErr("l2_entry", at, e, "points at unaligned data cluster %#x", host)
 	}
-	if host != 0 && host >= uint64(im.dataSize) {
+	// Offset 0 means unallocated, except in an external data file where it
+	// is a valid offset; there COPIED (always set: refcount 1) tells them
+	// apart, as in qemu.
+	allocated := host != 0 || (im.dataFile != im.f && e&flagCopied != 0)
+	if allocated && host >= uint64(im.dataSize) {
 		return extent{}, formatErr("l2_entry", at, e, "points at data cluster %#x beyond the end of the data file (%d bytes)", host, im.dataSize)
 	}
 	if !im.extL2 {
@@ -225,7 +229,7 @@ func (im *Image) entryExtent(table []uint64, l2off uint64, l2i, in int64) (exten
 			}
 			return extent{kind: extentZero, length: rest}, nil
 		}
-		if host == 0 {
+		if !allocated {
 			return extent{kind: extentUnallocated, length: rest}, nil
 		}
 		return extent{kind: extentData, length: rest, host: int64(host) + in}, nil
@@ -238,7 +242,7 @@ func (im *Image) entryExtent(table []uint64, l2off uint64, l2i, in int64) (exten
 	if alloc&zero != 0 {
 		return extent{}, formatErr("l2_bitmap", at+8, bitmap, "marks subclusters %#x both allocated and zero", alloc&zero)
 	}
-	if alloc != 0 && host == 0 {
+	if alloc != 0 && !allocated {
 		return extent{}, formatErr("l2_bitmap", at+8, bitmap, "marks subclusters allocated in an entry without a host offset")
 	}
 	sc := cs / 32

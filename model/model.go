@@ -1,0 +1,332 @@
+// Package model is the flat reference disk that the crash harness checks
+// images against. It knows nothing of files or formats: it is a virtual disk
+// of fixed-size sectors with a volatile write cache.
+//
+// Acknowledged writes are readable at once and durable only after a
+// completed flush. After a crash, each sector may hold its value at the last
+// completed flush or any value written to it since. A write that returned an
+// error leaves its sectors holding either their old or their new data. Every
+// other sector must be exact.
+//
+// The model keeps, for every sector that was ever written, three small sets
+// of candidate values:
+//
+//   - durable: what the sector may hold at the last completed flush,
+//   - current: what a read may return now (one value unless a write failed),
+//   - history: every value the sector may have held since that flush.
+//
+// A crash allows durable ∪ history. Untouched sectors hold their initial
+// value (zeros, or the backing contents given to New).
+package model
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+)
+
+// SectorSize is the granularity of the model, in bytes.
+const SectorSize = 512
+
+// ErrAmbiguous is returned by Read when a sector in the range may hold more
+// than one value (after a failed write), so no exact expectation exists.
+var ErrAmbiguous = errors.New("model: sector value is ambiguous after a failed write")
+
+// ErrRange is returned for an access outside the disk.
+var ErrRange = errors.New("model: access outside the disk")
+
+// Disk is the reference disk. It is not safe for concurrent use.
+type Disk struct {
+	size    int64
+	base    io.ReaderAt // initial contents; nil means zeros
+	sectors map[int64]*sector
+	crashed bool // a crash happened and Check has not yet adopted the result
+}
+
+type sector struct {
+	durable [][]byte
+	current [][]byte
+	history [][]byte
+}
+
+// New returns a disk of size bytes whose initial contents are read from
+// base (or are zeros when base is nil). Reads of base beyond its end give
+// zeros. size need not be a multiple of SectorSize: the last sector is
+// partial.
+func New(size int64, base io.ReaderAt) *Disk {
+	return &Disk{size: size, base: base, sectors: map[int64]*sector{}}
+}
+
+// Size returns the size of the disk in bytes.
+func (d *Disk) Size() int64 { return d.size }
+
+// Crashed reports whether a crash was recorded and not yet resolved by a
+// successful Check.
+func (d *Disk) Crashed() bool { return d.crashed }
+
+// sectorLen is the length of sector s (the last one may be partial).
+func (d *Disk) sectorLen(s int64) int {
+	return int(min(SectorSize, d.size-s*SectorSize))
+}
+
+// initial returns the initial value of sector s.
+func (d *Disk) initial(s int64) ([]byte, error) {
+	b := make([]byte, d.sectorLen(s))
+	if d.base != nil {
+		n, err := d.base.ReadAt(b, s*SectorSize)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("model: read initial contents of sector %d: %w", s, err)
+		}
+		clear(b[n:])
+	}
+	return b, nil
+}
+
+// get returns the state of sector s, creating it from the initial value.
+func (d *Disk) get(s int64) (*sector, error) {
+	if st, ok := d.sectors[s]; ok {
+		return st, nil
+	}
+	b, err := d.initial(s)
+	if err != nil {
+		return nil, err
+	}
+	st := &sector{durable: [][]byte{b}, current: [][]byte{b}}
+	d.sectors[s] = st
+	return st, nil
+}
+
+func (d *Disk) checkRange(off, n int64) error {
+	if off < 0 || n < 0 || off > d.size || n > d.size-off {
+		return fmt.Errorf("%w: offset %d length %d (disk size %d)", ErrRange, off, n, d.size)
+	}
+	return nil
+}
+
+// addUnique appends v to set unless an equal value is present.
+func addUnique(set [][]byte, v []byte) [][]byte {
+	for _, x := range set {
+		if bytes.Equal(x, v) {
+			return set
+		}
+	}
+	return append(set, v)
+}
+
+// apply records data written at off. When failed is true the write returned
+// an error: each sector may hold its old or its new value.
+func (d *Disk) apply(off int64, n int64, data func(dst []byte, off int64), failed bool) error {
+	if err := d.checkRange(off, n); err != nil {
+		return err
+	}
+	for s := off / SectorSize; s*SectorSize < off+n; s++ {
+		st, err := d.get(s)
+		if err != nil {
+			return err
+		}
+		start := max(off, s*SectorSize)
+		end := min(off+n, s*SectorSize+int64(d.sectorLen(s)))
+		var next [][]byte
+		for _, cur := range st.current {
+			v := bytes.Clone(cur)
+			data(v[start-s*SectorSize:end-s*SectorSize], start)
+			next = addUnique(next, v)
+		}
+		for _, v := range next {
+			st.history = addUnique(st.history, v)
+		}
+		if failed {
+			for _, v := range next {
+				st.current = addUnique(st.current, v)
+			}
+		} else {
+			st.current = next
+		}
+	}
+	return nil
+}
+
+// Write records an acknowledged write of p at off.
+func (d *Disk) Write(p []byte, off int64) error {
+	return d.apply(off, int64(len(p)), func(dst []byte, at int64) { copy(dst, p[at-off:]) }, false)
+}
+
+// WriteZeroes records an acknowledged write of n zero bytes at off.
+func (d *Disk) WriteZeroes(off, n int64) error {
+	return d.apply(off, n, func(dst []byte, _ int64) { clear(dst) }, false)
+}
+
+// FailedWrite records a write of p at off that returned an error: each of
+// its sectors may now hold its old or its new value.
+func (d *Disk) FailedWrite(p []byte, off int64) error {
+	return d.apply(off, int64(len(p)), func(dst []byte, at int64) { copy(dst, p[at-off:]) }, true)
+}
+
+// FailedWriteZeroes records a zero write that returned an error.
+func (d *Disk) FailedWriteZeroes(off, n int64) error {
+	return d.apply(off, n, func(dst []byte, _ int64) { clear(dst) }, true)
+}
+
+// Flush records a completed flush: every current value becomes durable.
+// A flush that returned an error must not be recorded.
+func (d *Disk) Flush() {
+	for _, st := range d.sectors {
+		st.durable = st.current
+		st.history = nil
+	}
+}
+
+// Crash records a crash: from now on each sector may hold its durable value
+// or any value written since the last flush, until Check adopts what the
+// recovered image holds.
+func (d *Disk) Crash() {
+	d.crashed = true
+}
+
+// Read fills p with the exact bytes a read at off must return now. It
+// fails with ErrAmbiguous if a sector may hold several values, and must not
+// be used after Crash until Check has succeeded.
+func (d *Disk) Read(p []byte, off int64) error {
+	if err := d.checkRange(off, int64(len(p))); err != nil {
+		return err
+	}
+	if d.crashed {
+		return fmt.Errorf("%w: read after a crash before Check", ErrAmbiguous)
+	}
+	for s := off / SectorSize; s*SectorSize < off+int64(len(p)); s++ {
+		var v []byte
+		if st, ok := d.sectors[s]; ok {
+			if len(st.current) != 1 {
+				return fmt.Errorf("%w: sector %d has %d possible values", ErrAmbiguous, s, len(st.current))
+			}
+			v = st.current[0]
+		} else {
+			var err error
+			if v, err = d.initial(s); err != nil {
+				return err
+			}
+		}
+		start := max(off, s*SectorSize)
+		end := min(off+int64(len(p)), s*SectorSize+int64(len(v)))
+		copy(p[start-off:end-off], v[start-s*SectorSize:])
+	}
+	return nil
+}
+
+// MismatchError names the first sector whose value the disk could not hold.
+type MismatchError struct {
+	Sector  int64    // sector index
+	Offset  int64    // byte offset of the sector
+	Got     []byte   // what the image holds
+	Allowed [][]byte // the values the model allows
+}
+
+// Error describes the mismatch in one line.
+func (e *MismatchError) Error() string {
+	return fmt.Sprintf("model: sector %d (offset %d) holds a value the disk could not hold (%d allowed values; got %s, first allowed %s)",
+		e.Sector, e.Offset, len(e.Allowed), preview(e.Got), preview(first(e.Allowed)))
+}
+
+func first(v [][]byte) []byte {
+	if len(v) == 0 {
+		return nil
+	}
+	return v[0]
+}
+
+func preview(b []byte) string {
+	if len(b) > 16 {
+		return fmt.Sprintf("%x…", b[:16])
+	}
+	return fmt.Sprintf("%x", b)
+}
+
+// allowed returns the values sector s may hold now: after a crash the
+// durable values and everything written since the last flush, otherwise
+// the current values.
+func (d *Disk) allowed(s int64) ([][]byte, error) {
+	st, ok := d.sectors[s]
+	if !ok {
+		b, err := d.initial(s)
+		if err != nil {
+			return nil, err
+		}
+		return [][]byte{b}, nil
+	}
+	if !d.crashed {
+		return st.current, nil
+	}
+	set := append([][]byte(nil), st.durable...)
+	for _, v := range st.history {
+		set = addUnique(set, v)
+	}
+	for _, v := range st.current {
+		set = addUnique(set, v)
+	}
+	return set, nil
+}
+
+// Check reads the whole disk through r and verifies that every sector holds
+// a value the model allows (after a crash: its value at the last completed
+// flush or any value written since; otherwise its current value or values).
+// It returns a *MismatchError naming the first offending sector. On success
+// the model adopts what it observed: those values become the durable and
+// current ones, and the crash is resolved.
+func (d *Disk) Check(r io.ReaderAt) error {
+	const chunk = 1 << 20
+	buf := make([]byte, chunk)
+	observed := map[int64][]byte{}
+	for off := int64(0); off < d.size; off += chunk {
+		n := min(chunk, d.size-off)
+		got, err := r.ReadAt(buf[:n], off)
+		if int64(got) < n {
+			if err == nil {
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("model: read image at %d: %w", off+int64(got), err)
+		}
+		for s := off / SectorSize; s*SectorSize < off+n; s++ {
+			v := buf[s*SectorSize-off : s*SectorSize-off+int64(d.sectorLen(s))]
+			allowed, err := d.allowed(s)
+			if err != nil {
+				return err
+			}
+			ok := false
+			for _, a := range allowed {
+				if bytes.Equal(a, v) {
+					ok = true
+					break
+				}
+			}
+			if !ok {
+				return &MismatchError{Sector: s, Offset: s * SectorSize, Got: bytes.Clone(v), Allowed: allowed}
+			}
+			if st, touched := d.sectors[s]; touched && (d.crashed || len(st.current) > 1) {
+				observed[s] = bytes.Clone(v)
+			}
+		}
+	}
+	for s, v := range observed {
+		st := d.sectors[s]
+		if d.crashed {
+			st.durable = [][]byte{v}
+			st.history = nil
+		}
+		st.current = [][]byte{v}
+	}
+	d.crashed = false
+	return nil
+}
+
+// Touched returns the indexes of the sectors written since New, in order;
+// useful for reporting.
+func (d *Disk) Touched() []int64 {
+	out := make([]int64, 0, len(d.sectors))
+	for s := range d.sectors {
+		out = append(out, s)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}

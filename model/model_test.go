@@ -1,0 +1,147 @@
+package model
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+)
+
+// img is a flat in-memory image for Check.
+type img []byte
+
+func (m img) ReadAt(p []byte, off int64) (int, error) { return copy(p, m[off:]), nil }
+
+func fill(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
+
+func TestReadExact(t *testing.T) {
+	base := img(fill(4096, 0x11))
+	d := New(4096+100, base) // partial last sector; base shorter than disk
+	if err := d.Write(fill(10, 0xaa), 510); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.WriteZeroes(1024, 512); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, d.Size())
+	if err := d.Read(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	want := append(fill(4096, 0x11), fill(100, 0)...)
+	copy(want[510:], fill(10, 0xaa))
+	copy(want[1024:], fill(512, 0))
+	if !bytes.Equal(got, want) {
+		t.Fatalf("read differs from expected")
+	}
+	if err := d.Check(img(want)); err != nil {
+		t.Fatalf("exact image rejected: %v", err)
+	}
+	bad := bytes.Clone(want)
+	bad[4096+99] = 1
+	var me *MismatchError
+	if err := d.Check(img(bad)); !errors.As(err, &me) || me.Sector != 8 {
+		t.Fatalf("want mismatch at sector 8, got %v", err)
+	}
+}
+
+func TestCrashAllowsFlushedOrLater(t *testing.T) {
+	tests := []struct {
+		name    string
+		sector0 []byte // what the crashed image holds in sector 0
+		ok      bool
+	}{
+		{"flushed value", fill(512, 1), true},
+		{"first unflushed write", fill(512, 2), true},
+		{"second unflushed write", fill(512, 3), true},
+		{"initial zeros (older than flush)", fill(512, 0), false},
+		{"never written value", fill(512, 9), false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d := New(1024, nil)
+			d.Write(fill(512, 1), 0)
+			d.Flush()
+			d.Write(fill(512, 2), 0)
+			d.Write(fill(512, 3), 0)
+			d.Crash()
+			if _, err := d.allowed(0); err != nil {
+				t.Fatal(err)
+			}
+			image := img(append(tc.sector0, fill(512, 0)...))
+			err := d.Check(image)
+			if (err == nil) != tc.ok {
+				t.Fatalf("Check = %v, want ok=%v", err, tc.ok)
+			}
+			if tc.ok {
+				// The model adopted what it saw: only that value is allowed now.
+				got := make([]byte, 512)
+				if err := d.Read(got, 0); err != nil || !bytes.Equal(got, tc.sector0) {
+					t.Fatalf("after adopt, Read = %x, %v", got[:4], err)
+				}
+				d.Crash()
+				other := fill(512, 1)
+				if bytes.Equal(tc.sector0, other) {
+					other = fill(512, 3)
+				}
+				if err := d.Check(img(append(other, fill(512, 0)...))); err == nil {
+					t.Fatal("after adopt, a crash must not bring back older values")
+				}
+			}
+		})
+	}
+}
+
+func TestDurabilityAfterFlush(t *testing.T) {
+	d := New(512, nil)
+	d.Write(fill(512, 5), 0)
+	d.Flush()
+	d.Crash()
+	if err := d.Check(img(fill(512, 0))); err == nil {
+		t.Fatal("a flushed write was lost but Check passed")
+	}
+	if err := d.Check(img(fill(512, 5))); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestFailedWrite(t *testing.T) {
+	d := New(1024, nil)
+	d.Write(fill(1024, 1), 0)
+	d.FailedWrite(fill(1024, 2), 0)
+	if err := d.Read(make([]byte, 512), 0); !errors.Is(err, ErrAmbiguous) {
+		t.Fatalf("Read after failed write: %v, want ErrAmbiguous", err)
+	}
+	// Old in one sector, new in the other: allowed.
+	mixed := append(fill(512, 1), fill(512, 2)...)
+	if err := d.Check(img(mixed)); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 1024)
+	if err := d.Read(got, 0); err != nil || !bytes.Equal(got, mixed) {
+		t.Fatalf("after Check the model must adopt the observed values: %v", err)
+	}
+	// A partial write after a failed write applies to every candidate.
+	d2 := New(512, nil)
+	d2.FailedWrite(fill(512, 7), 0)
+	d2.Write(fill(8, 9), 0)
+	for _, b := range []byte{0, 7} {
+		v := fill(512, b)
+		copy(v, fill(8, 9))
+		if err := d2.Check(img(v)); err != nil {
+			t.Fatalf("candidate %d rejected: %v", b, err)
+		}
+		d2.FailedWrite(fill(512, 7), 0) // make it ambiguous again
+		d2.Write(fill(8, 9), 0)
+	}
+}
+
+func TestRange(t *testing.T) {
+	d := New(1000, nil)
+	for _, tc := range []struct{ off, n int64 }{{-1, 1}, {999, 2}, {1001, 0}} {
+		if err := d.Write(make([]byte, tc.n), tc.off); !errors.Is(err, ErrRange) {
+			t.Errorf("Write(%d,%d) = %v, want ErrRange", tc.off, tc.n, err)
+		}
+	}
+	if err := d.Check(img(make([]byte, 10))); err == nil {
+		t.Error("Check of a short image must fail")
+	}
+}
