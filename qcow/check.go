@@ -9,12 +9,19 @@ const (
 	// Leak is a cluster whose refcount is higher than its references:
 	// harmless space loss, repairable.
 	Leak
+	// CheckError is a part of the image that could not be checked (qemu's
+	// "check errors", e.g. a refcount that cannot be read because its
+	// refcount block is unaligned). qemu-img check exits 1 when any occur.
+	CheckError
 )
 
-// String returns "corruption" or "leak".
+// String returns "corruption", "leak" or "check-error".
 func (k FindingKind) String() string {
-	if k == Leak {
+	switch k {
+	case Leak:
 		return "leak"
+	case CheckError:
+		return "check-error"
 	}
 	return "corruption"
 }
@@ -27,14 +34,21 @@ type Finding struct {
 }
 
 // CheckResult is the outcome of Check; it lists every finding, not just the
-// first.
+// first. The counts follow qemu-img check: Corruptions, Leaks and
+// CheckErrors count every occurrence (a structure referenced n times counts
+// n times), while Findings is capped at MaxCheckFindings entries. The exit
+// status of `qemu-img check` is 1 if CheckErrors > 0, else 2 if
+// Corruptions > 0, else 3 if Leaks > 0, else 0.
 type CheckResult struct {
-	Findings          []Finding `json:"findings"`
-	Corruptions       int       `json:"corruptions"`
-	Leaks             int       `json:"leaks"`
-	AllocatedClusters int64     `json:"allocated-clusters"`
-	TotalClusters     int64     `json:"total-clusters"`
-	ImageEndOffset    int64     `json:"image-end-offset"`
+	Findings           []Finding `json:"findings"`
+	Corruptions        int       `json:"corruptions"`
+	Leaks              int       `json:"leaks"`
+	CheckErrors        int       `json:"check-errors"`
+	AllocatedClusters  int64     `json:"allocated-clusters"`
+	TotalClusters      int64     `json:"total-clusters"`
+	FragmentedClusters int64     `json:"fragmented-clusters"`
+	CompressedClusters int64     `json:"compressed-clusters"`
+	ImageEndOffset     int64     `json:"image-end-offset"`
 }
 
 // Check verifies the image's structure read-only (not its backing chain) with
