@@ -66,8 +66,9 @@ type aferoFile struct {
 }
 
 var (
-	_ FS   = (*aferoFS)(nil)
-	_ File = (*aferoFile)(nil)
+	_ FS      = (*aferoFS)(nil)
+	_ Renamer = (*aferoFS)(nil)
+	_ File    = (*aferoFile)(nil)
 )
 
 // aferoPathErr wraps err with op and name unless it already carries a path.
@@ -143,6 +144,32 @@ func (a *aferoFS) Remove(name string) error {
 	a.mu.Lock()
 	delete(a.writers, filepath.Clean(name))
 	a.mu.Unlock()
+	return nil
+}
+
+// Rename renames oldname to newname with the afero backend's Rename. The
+// adapter's writer lock follows the file: a writer holding oldname now holds
+// newname, and any lock on a replaced newname is dropped.
+func (a *aferoFS) Rename(oldname, newname string) error {
+	if err := a.fs.Rename(oldname, newname); err != nil {
+		var le *os.LinkError
+		if errors.As(err, &le) {
+			return err
+		}
+		return &os.LinkError{Op: "rename", Old: oldname, New: newname, Err: err}
+	}
+	oldKey, newKey := filepath.Clean(oldname), filepath.Clean(newname)
+	if oldKey == newKey {
+		return nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.writers, newKey)
+	if w := a.writers[oldKey]; w != nil {
+		delete(a.writers, oldKey)
+		a.writers[newKey] = w
+		w.key = newKey
+	}
 	return nil
 }
 

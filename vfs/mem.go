@@ -70,6 +70,7 @@ type memFileInfo struct {
 
 var (
 	_ FS          = (*MemFS)(nil)
+	_ Renamer     = (*MemFS)(nil)
 	_ File        = (*memFile)(nil)
 	_ Allocator   = (*memFile)(nil)
 	_ os.FileInfo = memFileInfo{}
@@ -122,6 +123,25 @@ func (m *MemFS) Remove(name string) error {
 		return &fs.PathError{Op: "remove", Path: name, Err: fs.ErrNotExist}
 	}
 	delete(m.files, name)
+	return nil
+}
+
+// Rename gives the file oldname the name newname, replacing any file of
+// that name (whose open handles keep its data, as with rename(2)). It fails
+// with an error wrapping fs.ErrNotExist when oldname does not exist.
+func (m *MemFS) Rename(oldname, newname string) error {
+	oldname, newname = path.Clean(oldname), path.Clean(newname)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	node := m.files[oldname]
+	if node == nil {
+		return &os.LinkError{Op: "rename", Old: oldname, New: newname, Err: fs.ErrNotExist}
+	}
+	if oldname == newname {
+		return nil
+	}
+	delete(m.files, oldname)
+	m.files[newname] = node
 	return nil
 }
 

@@ -33,7 +33,10 @@ var OS FS = osFS{}
 
 type osFS struct{}
 
-var _ FS = osFS{}
+var (
+	_ FS      = osFS{}
+	_ Renamer = osFS{}
+)
 
 // osFile is an open file descriptor. mu guards fd against Close: every
 // operation holds a read lock for the duration of its system calls, so a
@@ -120,6 +123,16 @@ func (osFS) Create(name string) (File, error) {
 func (osFS) Remove(name string) error {
 	if err := unix.Unlink(name); err != nil {
 		return &fs.PathError{Op: "remove", Path: name, Err: err}
+	}
+	return nil
+}
+
+// Rename renames oldname to newname with rename(2), replacing newname
+// atomically if it exists.
+func (osFS) Rename(oldname, newname string) error {
+	err := retryEINTR(func() error { return unix.Renameat(unix.AT_FDCWD, oldname, unix.AT_FDCWD, newname) })
+	if err != nil {
+		return &os.LinkError{Op: "rename", Old: oldname, New: newname, Err: err}
 	}
 	return nil
 }

@@ -100,6 +100,17 @@ type FS interface {
 	Stat(name string) (os.FileInfo, error)
 }
 
+// Renamer is implemented by file systems that can rename a file atomically
+// (rename(2)): if newname exists it is replaced in one step, so a reader sees
+// either the old file or the new one under newname, never neither. Open
+// handles keep working. The change is durable only after SyncDir on the
+// directories of both names. It is an optional interface, not part of FS:
+// callers check for it with a type assertion and fall back to something
+// weaker when it is missing.
+type Renamer interface {
+	Rename(oldname, newname string) error
+}
+
 // ErrLocked is returned by FS.Open with ReadWrite when another writer holds
 // the file's lock.
 var ErrLocked = errors.New("vfs: file is locked by another writer")

@@ -151,6 +151,28 @@ var contract = []struct {
 		_, err := e.fs.Create(e.path("img"))
 		e.wantErr("second Create", err, fs.ErrExist)
 	}},
+	{"RenameReplaces", func(t *testing.T, e *env) {
+		r, ok := e.fs.(vfs.Renamer)
+		if !ok {
+			t.Skip("FS does not implement vfs.Renamer")
+		}
+		a, b := pattern(3000, 7), pattern(100, 8)
+		f := e.create("tmp")
+		e.write(f, a, 0)
+		e.close(f)
+		g := e.create("img")
+		e.write(g, b, 0)
+		e.close(g)
+		if err := r.Rename(e.path("tmp"), e.path("img")); err != nil {
+			t.Fatalf("Rename(tmp, img): %v", err)
+		}
+		if _, err := e.fs.Stat(e.path("tmp")); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("Stat(tmp) after Rename = %v; want fs.ErrNotExist", err)
+		}
+		e.want(e.open("img", vfs.ReadOnly), 0, a)
+		e.wantSize(e.open("img", vfs.ReadWrite), 3000)
+		e.wantErr("Rename of a missing file", r.Rename(e.path("nope"), e.path("img2")), fs.ErrNotExist)
+	}},
 	{"RoundTrip", func(t *testing.T, e *env) {
 		f := e.create("img")
 		a, b := pattern(10000, 1), pattern(777, 2)

@@ -1,0 +1,371 @@
+package faultfs_test
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"slices"
+	"testing"
+
+	"pgregory.net/rapid"
+
+	"github.com/qcowcrash/qcowcrash/faultfs"
+	"github.com/qcowcrash/qcowcrash/vfs"
+)
+
+// oracle is an independent, byte-array model of one file's durability, used
+// to check faultfs's crash states on random workloads: live and durable
+// bytes, the sizes a crash may leave, and for every sector the values it
+// may hold (its durable value and its value after each later change).
+type oracle struct {
+	live  []byte
+	dur   []byte // durable bytes; beyond its end, zeros
+	dsize int64
+	sizes map[int64]bool
+	cands map[int64][][]byte // sector -> possible values; absent: durable only
+	dirty map[int64]bool     // bytes written since durable
+	cut   map[int64]bool     // bytes discarded by a truncate since durable
+}
+
+const osec, opage = 512, 4096
+
+func newOracle() *oracle {
+	return &oracle{sizes: map[int64]bool{0: true}, cands: map[int64][][]byte{}, dirty: map[int64]bool{}, cut: map[int64]bool{}}
+}
+
+// sector returns sector s of b, zero-padded.
+func sector(b []byte, s int64) []byte {
+	out := make([]byte, osec)
+	if lo := s * osec; lo < int64(len(b)) {
+		copy(out, b[lo:])
+	}
+	return out
+}
+
+// changed records that [lo, hi) changed in the live file, by a write or
+// (cut) a truncate.
+func (o *oracle) changed(lo, hi int64, cut bool) {
+	for i := lo; i < hi; i++ {
+		if cut {
+			o.cut[i] = true
+		} else {
+			o.dirty[i] = true
+		}
+	}
+	for s := lo / osec; s*osec < hi; s++ {
+		if o.cands[s] == nil {
+			o.cands[s] = [][]byte{sector(o.dur, s)}
+		}
+		o.cands[s] = append(o.cands[s], sector(o.live, s))
+	}
+}
+
+func (o *oracle) write(p []byte, off int64) {
+	if end := off + int64(len(p)); end > int64(len(o.live)) {
+		o.live = append(o.live, make([]byte, end-int64(len(o.live)))...)
+		o.sizes[end] = true
+	}
+	copy(o.live[off:], p)
+	o.changed(off, off+int64(len(p)), false)
+}
+
+func (o *oracle) truncate(n int64) {
+	old := int64(len(o.live))
+	if n < old {
+		o.live = o.live[:n]
+		o.changed(n, old, true)
+	} else {
+		o.live = append(o.live, make([]byte, n-old)...)
+	}
+	o.sizes[n] = true
+}
+
+func (o *oracle) sync() {
+	o.dur = bytes.Clone(o.live)
+	o.dsize = int64(len(o.live))
+	o.sizes = map[int64]bool{o.dsize: true}
+	o.cands = map[int64][][]byte{}
+	o.dirty = map[int64]bool{}
+	o.cut = map[int64]bool{}
+}
+
+// cutIn reports whether a pending truncate discarded bytes in [lo, hi).
+func (o *oracle) cutIn(lo, hi int64) bool {
+	for i := range o.cut {
+		if i >= lo && i < hi {
+			return true
+		}
+	}
+	return false
+}
+
+func (o *oracle) durAt(i int64) byte {
+	if i < int64(len(o.dur)) {
+		return o.dur[i]
+	}
+	return 0
+}
+
+// syncRange makes [lo, hi) (whole pages) durable, or with drop reverts
+// its written bytes to the durable ones (only when no truncate is pending
+// there: the oracle does not model what a drop leaves of those).
+func (o *oracle) syncRange(lo, hi int64, drop bool) {
+	if drop {
+		for i := range o.dirty {
+			if i >= lo && i < hi {
+				delete(o.dirty, i)
+				if i < int64(len(o.live)) {
+					o.live[i] = o.durAt(i)
+				}
+			}
+		}
+	} else {
+		// Every byte of the range becomes its live value (zero beyond the
+		// live size); bytes neither written nor cut already are.
+		for i := lo; i < hi && (i < int64(len(o.live)) || i < int64(len(o.dur))); i++ {
+			v := byte(0)
+			if i < int64(len(o.live)) {
+				v = o.live[i]
+			}
+			for int64(len(o.dur)) <= i {
+				o.dur = append(o.dur, 0)
+			}
+			o.dur[i] = v
+			delete(o.dirty, i)
+			delete(o.cut, i)
+		}
+	}
+	for s := range o.cands {
+		if s*osec >= lo && s*osec < hi {
+			delete(o.cands, s)
+		}
+	}
+}
+
+func (o *oracle) durable() []byte {
+	b := make([]byte, o.dsize)
+	copy(b, o.dur)
+	return b
+}
+
+// allows reports whether contents b is a state the oracle allows, and why
+// not.
+func (o *oracle) allows(b []byte) error {
+	size := int64(len(b))
+	if !o.sizes[size] {
+		return fmt.Errorf("size %d is not one of %v", size, o.sizes)
+	}
+	for s := int64(0); s*osec < size; s++ {
+		got := b[s*osec : min(size, (s+1)*osec)]
+		cands := o.cands[s]
+		if cands == nil {
+			cands = [][]byte{sector(o.dur, s)}
+		}
+		ok := false
+		for _, c := range cands {
+			if bytes.Equal(c[:len(got)], got) {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return fmt.Errorf("sector %d holds %s, not one of its %d possible values", s, runs(got), len(cands))
+		}
+	}
+	return nil
+}
+
+// describe renders a state's file f, or "absent".
+func describe(s *faultfs.State) string {
+	b, err := s.ReadFile("f")
+	if err != nil {
+		return "absent"
+	}
+	return runs(b)
+}
+
+// TestOracle drives faultfs with random writes, truncates, allocates,
+// syncs and dropped syncs, and checks after every step that the process and
+// lose-unsynced states are exactly the oracle's live and durable contents,
+// that every sampled torn, reorder and prefix state is one the oracle
+// allows, and finally that replaying the recording gives the same states at
+// every point.
+func TestOracle(t *testing.T) {
+	rapid.Check(t, func(rt *rapid.T) {
+		mem := vfs.NewMem()
+		fsys := faultfs.New(mem)
+		f, err := fsys.Create("f")
+		if err != nil {
+			rt.Fatal(err)
+		}
+		defer f.Close()
+		if err := f.Sync(); err != nil {
+			rt.Fatal(err)
+		}
+		if err := fsys.SyncDir("."); err != nil {
+			rt.Fatal(err)
+		}
+		o := newOracle()
+		type snap struct{ live, dur []byte }
+		snaps := map[int]snap{}
+		setup := len(fsys.Log())
+		snaps[setup] = snap{nil, nil}
+		seed := uint64(0)
+
+		check := func() {
+			snaps[len(fsys.Log())] = snap{bytes.Clone(o.live), o.durable()}
+			p := fsys.Point()
+			get := func(s *faultfs.State) []byte {
+				b, err := s.ReadFile("f")
+				if err != nil {
+					rt.Fatalf("state %v: %v", s, err)
+				}
+				return b
+			}
+			if b := get(p.Sample(faultfs.Process, 0)); !bytes.Equal(b, o.live) {
+				rt.Fatalf("process state %s, live %s", runs(b), runs(o.live))
+			}
+			if b := get(p.Sample(faultfs.LoseUnsynced, 0)); !bytes.Equal(b, o.durable()) {
+				rt.Fatalf("lose-unsynced state %s, durable %s", runs(b), runs(o.durable()))
+			}
+			seed++
+			for _, m := range []faultfs.Model{faultfs.Torn, faultfs.Reorder, faultfs.Prefix} {
+				for s := range p.States(m, seed, 12) {
+					if err := o.allows(get(s)); err != nil {
+						rt.Fatalf("%v: %v", s, err)
+					}
+				}
+			}
+		}
+		pageSpan := func(off, n int64) (int64, int64) {
+			return off / opage * opage, (off + n + opage - 1) / opage * opage
+		}
+
+		rt.Repeat(map[string]func(*rapid.T){
+			"write": func(rt *rapid.T) {
+				off := rapid.Int64Range(0, 20000).Draw(rt, "off")
+				n := rapid.IntRange(1, 3000).Draw(rt, "n")
+				c := byte(rapid.IntRange('a', 'z').Draw(rt, "byte"))
+				p := bytes.Repeat([]byte{c}, n)
+				if _, err := f.WriteAt(p, off); err != nil {
+					rt.Fatal(err)
+				}
+				o.write(p, off)
+				check()
+			},
+			"truncate": func(rt *rapid.T) {
+				n := rapid.Int64Range(0, 24000).Draw(rt, "size")
+				if err := f.Truncate(n); err != nil {
+					rt.Fatal(err)
+				}
+				o.truncate(n)
+				check()
+			},
+			"allocate": func(rt *rapid.T) {
+				off := rapid.Int64Range(0, 20000).Draw(rt, "off")
+				n := rapid.Int64Range(1, 5000).Draw(rt, "n")
+				if err := f.(vfs.Allocator).Allocate(off, n); err != nil {
+					rt.Fatal(err)
+				}
+				if off+n > int64(len(o.live)) {
+					o.truncate(off + n)
+				}
+				check()
+			},
+			"sync": func(rt *rapid.T) {
+				var err error
+				if rapid.Bool().Draw(rt, "data") {
+					err = f.Datasync()
+				} else {
+					err = f.Sync()
+				}
+				if err != nil {
+					rt.Fatal(err)
+				}
+				o.sync()
+				check()
+			},
+			"sync-range": func(rt *rapid.T) {
+				off := rapid.Int64Range(0, 20000).Draw(rt, "off")
+				n := rapid.Int64Range(1, 9000).Draw(rt, "n")
+				if err := f.SyncRange(off, n); err != nil {
+					rt.Fatal(err)
+				}
+				lo, hi := pageSpan(off, n)
+				o.syncRange(lo, hi, false)
+				check()
+			},
+			"dropped-sync": func(rt *rapid.T) {
+				if o.cutIn(0, 1<<62) {
+					rt.Skip("a truncate is pending")
+				}
+				fsys.SetInjector(faultfs.FsyncDrop)
+				err := f.Sync()
+				fsys.SetInjector(nil)
+				if !errors.Is(err, faultfs.ErrInjected) {
+					rt.Fatalf("dropped sync: %v", err)
+				}
+				o.syncRange(0, 1<<62, true)
+				check()
+			},
+			"dropped-sync-range": func(rt *rapid.T) {
+				off := rapid.Int64Range(0, 20000).Draw(rt, "off")
+				n := rapid.Int64Range(1, 9000).Draw(rt, "n")
+				lo, hi := pageSpan(off, n)
+				if o.cutIn(lo, hi) {
+					rt.Skip("a truncate is pending in the range")
+				}
+				fsys.SetInjector(faultfs.FsyncDrop)
+				err := f.SyncRange(off, n)
+				fsys.SetInjector(nil)
+				if !errors.Is(err, faultfs.ErrInjected) {
+					rt.Fatalf("dropped sync-range: %v", err)
+				}
+				o.syncRange(lo, hi, true)
+				check()
+			},
+		})
+
+		// Replay: every point of the recording equals the live run, and a
+		// point built incrementally (Points) yields the same states as one
+		// built from scratch (Point).
+		rec := fsys.Recording()
+		for p := range rec.Points() {
+			fresh, err := rec.Point(p.Ops())
+			if err != nil {
+				rt.Fatal(err)
+			}
+			for _, m := range []faultfs.Model{faultfs.Torn, faultfs.Reorder, faultfs.Prefix} {
+				if a, b := p.Space(m), fresh.Space(m); a != b {
+					rt.Fatalf("point %d, %s: Space %d replayed incrementally, %d from scratch", p.Ops(), m, a, b)
+				}
+				var a, b []string
+				for s := range p.States(m, 5, 10) {
+					a = append(a, describe(s))
+				}
+				for s := range fresh.States(m, 5, 10) {
+					b = append(b, describe(s))
+				}
+				if !slices.Equal(a, b) {
+					rt.Fatalf("point %d, %s: incremental states %q, from scratch %q", p.Ops(), m, a, b)
+				}
+			}
+			want, ok := snaps[p.Ops()]
+			if p.Ops() < setup {
+				continue
+			}
+			if !ok {
+				rt.Fatalf("replay yielded point %d, which no step ended at", p.Ops())
+			}
+			for _, c := range []struct {
+				m    faultfs.Model
+				want []byte
+			}{{faultfs.Process, want.live}, {faultfs.LoseUnsynced, want.dur}} {
+				b, err := p.Sample(c.m, 0).ReadFile("f")
+				if err != nil || !bytes.Equal(b, c.want) {
+					rt.Fatalf("replay point %d, %s: %s (%v), live run had %s", p.Ops(), c.m, runs(b), err, runs(c.want))
+				}
+			}
+		}
+	})
+}
