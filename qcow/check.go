@@ -40,6 +40,7 @@ type Finding struct {
 // status of `qemu-img check` is 1 if CheckErrors > 0, else 2 if
 // Corruptions > 0, else 3 if Leaks > 0, else 0.
 type CheckResult struct {
+	Format             Format    `json:"format"`
 	Findings           []Finding `json:"findings"`
 	Corruptions        int       `json:"corruptions"`
 	Leaks              int       `json:"leaks"`
@@ -57,5 +58,9 @@ type CheckResult struct {
 // leaked clusters, bad compressed descriptors. It returns an error only when
 // the check cannot complete (for example an I/O error).
 func (im *Image) Check() (*CheckResult, error) {
-	return im.check()
+	res, err := im.check()
+	if res != nil {
+		res.Format = im.format
+	}
+	return res, err
 }
