@@ -525,6 +525,11 @@ func checkFileName(field, name string) error {
 	if strings.ContainsRune(name, 0) {
 		return fmt.Errorf("%w: %s %q contains a NUL byte", ErrBacking, field, name)
 	}
+	// Control characters (line breaks, escapes) have no place in a file
+	// name and would leak into error messages unquoted via *fs.PathError.
+	if strings.ContainsFunc(name, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+		return fmt.Errorf("%w: %s %q contains a control character", ErrBacking, field, name)
+	}
 	if i := strings.IndexByte(name, ':'); i > 0 {
 		prefix := name[:i]
 		isProto := true

@@ -337,7 +337,9 @@ func (c *checker) corrupt(n uint64, off int64, format string, args ...any) {
 // zeros, as they do in qemu. Other read errors stop the check.
 func (c *checker) readPadded(off int64, n int64) []byte {
 	buf := make([]byte, n)
-	if c.err != nil || off >= c.fileSize {
+	// A negative offset (a hostile 64-bit offset cast to int64) lies
+	// outside the file like one beyond its end: callers report the range.
+	if c.err != nil || off < 0 || off >= c.fileSize {
 		return buf
 	}
 	want := min(n, c.fileSize-off)
