@@ -1,5 +1,5 @@
-// Package qcow reads (and, later, writes) QCOW disk images, versions 1, 2
-// and 3, over the small file interface of package vfs.
+// Package qcow reads and writes QCOW disk images, versions 1, 2 and 3, over
+// the small file interface of package vfs.
 //
 // Every field of an image is treated as hostile until validated: offsets are
 // checked for alignment, for the largest host offset and against the size of
@@ -7,6 +7,13 @@
 // package (MaxL1Bytes, MaxRefcountTableBytes, ...) and by the file size
 // before anything is allocated, and every rejection is a *FormatError naming
 // the field and its value that unwraps to one of the sentinel errors.
+//
+// Create makes new images (crash-safely); Open with Options.ReadWrite opens
+// one for writing with WriteAt, WriteZeroes, Resize, Flush and Close. The
+// writer is crash consistent by construction: new clusters are appended and
+// written complete before anything points at them, metadata is written in
+// dependency order with an fdatasync between stages, and a failed write is
+// rolled back by truncating the file. WriteAt documents the contract.
 package qcow
 
 import (
@@ -42,8 +49,20 @@ type Options struct {
 	// MaxBackingDepth bounds the backing chain (0 means MaxBackingDepth).
 	MaxBackingDepth int
 	// L2CacheBytes bounds the memory used to cache L2 tables (0 means
-	// 4 MiB).
+	// 4 MiB). For a writable image it also bounds the dirty L2 tables kept
+	// in write-back mode: beyond it the next write first flushes metadata.
 	L2CacheBytes int64
+
+	// ReadWrite opens the image for writing (the backing chain stays
+	// read-only). See WriteAt for what is supported and refused.
+	ReadWrite bool
+	// WriteThrough makes every write durable when it returns (qemu's
+	// cache=writethrough); the default is write-back (metadata cached in
+	// memory and written, in dependency order, by Flush and Close).
+	WriteThrough bool
+	// RefcountCacheBytes bounds the memory used to cache refcount blocks
+	// of a writable QCOW2 image (0 means 1 MiB, at least four blocks).
+	RefcountCacheBytes int64
 }
 
 // Image is an open disk image: QCOW, QCOW2 or raw. Its methods are safe for
@@ -72,6 +91,8 @@ type Image struct {
 
 	mu     sync.Mutex
 	closed bool
+
+	w *writer // non-nil when opened with ReadWrite (see write.go)
 }
 
 // Open opens the image called name in fsys for reading, validates its
@@ -84,11 +105,23 @@ func Open(fsys vfs.FS, name string, opts *Options) (*Image, error) {
 	if o.MaxBackingDepth <= 0 {
 		o.MaxBackingDepth = MaxBackingDepth
 	}
-	return open(fsys, name, o, o.Format, 0, map[string]bool{})
+	im, err := open(fsys, name, o, o.Format, 0, map[string]bool{})
+	if err != nil || !o.ReadWrite {
+		return im, err
+	}
+	if err := im.openWriter(o); err != nil {
+		im.Close()
+		return nil, err
+	}
+	return im, nil
 }
 
 func open(fsys vfs.FS, name string, o Options, format Format, depth int, seen map[string]bool) (*Image, error) {
-	f, err := fsys.Open(name, vfs.ReadOnly)
+	flag := vfs.ReadOnly
+	if o.ReadWrite && depth == 0 {
+		flag = vfs.ReadWrite // only the top image; backing files stay read-only
+	}
+	f, err := fsys.Open(name, flag)
 	if err != nil {
 		return nil, err
 	}
@@ -370,6 +403,15 @@ func (im *Image) openBacking(o Options, depth int, seen map[string]bool) error {
 
 // Size returns the virtual size of the disk in bytes.
 func (im *Image) Size() int64 {
+	if w := im.w; w != nil {
+		w.mu.RLock()
+		defer w.mu.RUnlock()
+	}
+	return im.size()
+}
+
+// size is Size without locking; callers hold the writer lock if any.
+func (im *Image) size() int64 {
 	if im.h == nil {
 		return im.fileSize
 	}
@@ -398,8 +440,13 @@ func (im *Image) Close() error {
 	im.closed = true
 	im.mu.Unlock()
 	var err error
+	if im.w != nil {
+		err = im.w.close() // flushes
+	}
 	if im.backing != nil {
-		err = im.backing.Close()
+		if e := im.backing.Close(); err == nil {
+			err = e
+		}
 	}
 	if e := im.closeData(); err == nil {
 		err = e

@@ -54,6 +54,11 @@ func (c *l2Cache) put(off uint64, t []uint64) {
 // l2Table returns the L2 table at host offset off (validated by the
 // caller), reading it through the cache.
 func (im *Image) l2Table(off uint64) ([]uint64, error) {
+	if w := im.w; w != nil {
+		if d := w.l2[off]; d != nil {
+			return d.t, nil // dirty (or new) table of a writable image
+		}
+	}
 	if t := im.l2c.get(off); t != nil {
 		return t, nil
 	}

@@ -33,10 +33,19 @@ type extent struct {
 // io.ReaderAt: a read that reaches the end of the disk returns the bytes
 // read and io.EOF.
 func (im *Image) ReadAt(p []byte, off int64) (int, error) {
+	if w := im.w; w != nil {
+		w.mu.RLock()
+		defer w.mu.RUnlock()
+	}
+	return im.readAt(p, off)
+}
+
+// readAt is ReadAt without locking: the writer calls it with its lock held.
+func (im *Image) readAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("qcow: negative offset %d", off)
 	}
-	size := im.Size()
+	size := im.size()
 	if off >= size {
 		if len(p) == 0 {
 			return 0, nil
@@ -413,7 +422,11 @@ func (c *decompCache) put(e uint64, b []byte) {
 // it anywhere in the backing chain (unallocated throughout, or zero
 // clusters). Callers use it to skip holes, e.g. to write sparse output.
 func (im *Image) BlockStatus(off, n int64) (length int64, zero bool, err error) {
-	size := im.Size()
+	if w := im.w; w != nil {
+		w.mu.RLock()
+		defer w.mu.RUnlock()
+	}
+	size := im.size()
 	if off < 0 || off >= size {
 		return 0, false, fmt.Errorf("qcow: block status offset %d outside the disk (size %d)", off, size)
 	}
