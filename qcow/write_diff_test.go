@@ -84,15 +84,40 @@ func wtDiffCases() []wtDiffCase {
 // one, our writer (parsing the same script) the other. qemu-img compare must
 // find them identical and qemu-img check must find ours clean. A failure
 // prints the seed; QEMUTEST_SEED=<root> replays it.
+//
+// Each configuration runs wtDiffScripts() scripts (10 by default, so 220 in
+// all; 1 under -short; QCOWCRASH_DIFF_SCRIPTS=N for more).
 func TestDiffQemuIO(t *testing.T) {
 	qemutest.Require(t)
+	n := wtDiffScripts()
 	for _, c := range wtDiffCases() {
 		t.Run(c.String(), func(t *testing.T) {
 			t.Parallel()
-			seed := qemutest.Seed(t, "diff/"+c.String())
-			wtRunDiff(t, c, seed, 40)
+			// One starting image (and backing file) per configuration;
+			// each script runs on fresh copies of it.
+			dir := t.TempDir()
+			start := filepath.Join(dir, "start")
+			wtBuildStart(t, c, dir, start, wtDiskSize(c.cs), qemutest.Seed(t, "diff/"+c.String()))
+			for k := range n {
+				t.Run(fmt.Sprintf("script%d", k), func(t *testing.T) {
+					seed := qemutest.Seed(t, fmt.Sprintf("diff/%s/%d", c, k))
+					wtRunDiffFrom(t, c, dir, start, fmt.Sprint(k), seed, 40)
+				})
+			}
 		})
 	}
+	t.Logf("%d configurations x %d seeded qemu-io scripts", len(wtDiffCases()), n)
+}
+
+// wtDiffScripts is the number of scripts per configuration.
+func wtDiffScripts() int {
+	if v, err := strconv.Atoi(os.Getenv("QCOWCRASH_DIFF_SCRIPTS")); err == nil && v > 0 {
+		return v
+	}
+	if testing.Short() {
+		return 1
+	}
+	return 10
 }
 
 // wtDiskSize is the virtual size used for a cluster size: big enough for a
@@ -213,12 +238,13 @@ func wtApply(t *testing.T, im *Image, cmds []string) {
 	}
 }
 
-func wtRunDiff(t *testing.T, c wtDiffCase, seed uint64, nops int) {
-	dir := t.TempDir()
+// wtRunDiffFrom runs one script on two fresh copies (named by tag) of the
+// starting image in dir.
+func wtRunDiffFrom(t *testing.T, c wtDiffCase, dir, start, tag string, seed uint64, nops int) {
 	size := wtDiskSize(c.cs)
-	start := filepath.Join(dir, "start")
-	wtBuildStart(t, c, dir, start, size, seed)
-	theirs, ours := filepath.Join(dir, "theirs"), filepath.Join(dir, "ours")
+	theirs, ours := filepath.Join(dir, "theirs"+tag), filepath.Join(dir, "ours"+tag)
+	defer os.Remove(theirs)
+	defer os.Remove(ours)
 	for _, p := range []string{theirs, ours} {
 		b, err := os.ReadFile(start)
 		if err != nil {
