@@ -276,7 +276,7 @@ func (d *Disk) allowed(s int64) ([][]byte, error) {
 // current ones, and the crash is resolved.
 func (d *Disk) Check(r io.ReaderAt) error {
 	const chunk = 1 << 20
-	buf := make([]byte, chunk)
+	buf := make([]byte, min(chunk, d.size))
 	observed := map[int64][]byte{}
 	for off := int64(0); off < d.size; off += chunk {
 		n := min(chunk, d.size-off)

@@ -4,10 +4,18 @@
 // Its subcommands are shaped like qemu-img's:
 //
 //	crashtest info [--json] [-f FMT] [--backing-chain] IMAGE
-//	crashtest convert [-f FMT] [-O raw] SRC DST
+//	crashtest convert [-f FMT] [-O raw|qcow|qcow2] [-o OPTIONS] SRC DST
+//	crashtest io [-f FMT] [-t CACHE] -c CMD [-c CMD]... IMAGE   (like qemu-io)
+//	crashtest bench [-c COUNT] [-s SIZE] [-S STEP] [-o OFFSET] [-w] [-t CACHE] IMAGE
 //	crashtest check [--json] [-f FMT] IMAGE
 //
-// Errors are printed to stderr as one line starting with "crashtest: ".
+// and, for crash consistency (package harness):
+//
+//	crashtest soak [--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target qcow|qcow-nobarrier] [--json] [-v]
+//	crashtest repro [-v] [--json] CASE-ID
+//
+// Errors are printed to stderr as one line starting with "crashtest: "
+// (io also prints qemu-io's messages for failed commands on stdout).
 // Exit status: 0 success; 1 failure or usage error; check also exits 2 when
 // it found corruptions and 3 when it found only leaked clusters, like
 // `qemu-img check`.
@@ -129,7 +137,7 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 func (c *cli) usage() {
 	var b strings.Builder
 	b.WriteString("usage: crashtest COMMAND [flags] ARGS\n\n")
-	b.WriteString("Reads QCOW v1/v2/v3 images like qemu-img. Commands:\n\n")
+	b.WriteString("Reads and writes QCOW v1/v2/v3 images like qemu-img and qemu-io. Commands:\n\n")
 	names := make([]string, 0, len(commands))
 	for n := range commands {
 		names = append(names, n)

@@ -81,8 +81,8 @@ func TestUsage(t *testing.T) {
 		{[]string{"check", "-f"}, "flag needs an argument: -f", true},
 		{[]string{"convert", "a"}, "expected SRC and DST arguments", true},
 		{[]string{"convert", "-O", "vmdk", "a", "b"}, `unknown format "vmdk"`, true},
-		{[]string{"convert", "-O", "qcow2", "a", "b"}, "output format qcow2 is not supported yet", true},
-		{[]string{"convert", "a", "b", "-O", "qcow"}, "output format qcow is not supported yet", true},
+		{[]string{"convert", "-O", "qcow2", "a", "b"}, "could not open 'a'", true},
+		{[]string{"convert", "a", "b", "-O", "qcow"}, "could not open 'a'", true},
 	}
 	for _, tc := range tests {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
