@@ -1,0 +1,327 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/signal"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/qcowcrash/qcowcrash/faultfs"
+	"github.com/qcowcrash/qcowcrash/harness"
+)
+
+func init() {
+	register(&command{
+		name:    "soak",
+		args:    "[--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--json] [-v]",
+		summary: "Run random crash-consistency cases until the duration ends, N cases ran or Ctrl-C; print a summary and a repro command per failure; exit 1 if any case failed.",
+		flags: func(fs *flag.FlagSet) func(*cli, []string) int {
+			var o soakOptions
+			fs.DurationVar(&o.duration, "duration", 30*time.Second, "stop starting new cases after `D` (0: no time limit; then stop with --cases or Ctrl-C)")
+			fs.IntVar(&o.cases, "cases", 0, "stop after `N` cases (0: no limit)")
+			fs.IntVar(&o.workers, "workers", runtime.GOMAXPROCS(0), "run `N` cases in parallel")
+			fs.Var(seedFlag{&o.seed}, "seed", "root `SEED` (decimal or 0x hex); 0 picks one and prints it")
+			fs.Var(&o.shard, "shard", "run shard `i/n` of the seed space: case k runs when k mod n = i")
+			fs.Var(listFlag{&o.formats, harness.Formats}, "formats", "comma-separated `FORMATS` to draw from: v1, v2, v3")
+			fs.Var(modelsFlag{&o.models}, "models", "comma-separated persistence `MODELS`: process, lose-unsynced, reorder, torn, prefix, garbage (default all but garbage)")
+			fs.Var(listFlag{&o.target, harness.Targets}, "target", "writer under `TARGET`: qcow, or qcow-nobarrier (deliberately broken: drops every sync)")
+			fs.DurationVar(&o.progress, "progress", 5*time.Second, "print a progress line to stderr every `D` (0: never)")
+			asJSON := jsonFlags(fs)
+			fs.BoolVar(&o.verbose, "v", false, "print every finished case to stderr")
+			return func(c *cli, args []string) int {
+				if len(args) > 0 {
+					return c.usageError(commands["soak"], "unexpected argument %q", args[0])
+				}
+				if o.workers < 1 {
+					return c.usageError(commands["soak"], "--workers %d: want at least 1", o.workers)
+				}
+				if o.cases < 0 || o.duration < 0 {
+					return c.usageError(commands["soak"], "--cases and --duration must not be negative")
+				}
+				if len(o.target) > 1 {
+					return c.usageError(commands["soak"], "--target takes one target")
+				}
+				o.json = *asJSON
+				ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+				defer stop()
+				return c.soak(ctx, o)
+			}
+		},
+	})
+}
+
+// soakOptions are the flags of soak.
+type soakOptions struct {
+	duration, progress time.Duration
+	cases, workers     int
+	seed               uint64
+	shard              shardFlag
+	formats, target    []string
+	models             []faultfs.Model
+	json, verbose      bool
+}
+
+// soakFailure is one failing case in the summary.
+type soakFailure struct {
+	Index   uint64           `json:"index"`
+	ID      string           `json:"id"`
+	Repro   string           `json:"repro"`
+	Failure *harness.Failure `json:"failure"`
+}
+
+// soakSummary is what soak prints at the end (--json: as JSON).
+type soakSummary struct {
+	Seed           string        `json:"seed"`
+	Shard          string        `json:"shard"`
+	Target         string        `json:"target"`
+	Cases          int64         `json:"cases"`
+	Points         int64         `json:"points"`
+	States         int64         `json:"states"`
+	ElapsedSeconds float64       `json:"elapsed_seconds"`
+	StatesPerSec   float64       `json:"states_per_second"`
+	Interrupted    bool          `json:"interrupted"`
+	Failures       []soakFailure `json:"failures"`
+}
+
+func (c *cli) soak(ctx context.Context, o soakOptions) int {
+	if o.seed == 0 {
+		o.seed = rand.Uint64() | 1
+	}
+	if o.shard.n == 0 {
+		o.shard = shardFlag{0, 1}
+	}
+	sp := harness.Space{Formats: o.formats, Models: o.models}
+	if len(o.target) == 1 {
+		sp.Target = o.target[0]
+	}
+	if sp.Target == "" {
+		sp.Target = harness.TargetQCOW
+	}
+	seedStr := fmt.Sprintf("%#x", o.seed)
+	if !o.json {
+		fmt.Fprintf(c.stdout, "soak: seed=%s shard=%s workers=%d duration=%v target=%s\n", seedStr, &o.shard, o.workers, o.duration, sp.Target)
+	}
+	runCtx := ctx
+	if o.duration > 0 {
+		var cancel context.CancelFunc
+		runCtx, cancel = context.WithTimeout(ctx, o.duration)
+		defer cancel()
+	}
+	start := time.Now()
+	var next, cases, points, states, nfail atomic.Int64
+	var mu sync.Mutex // guards failures and stderr
+	var failures []soakFailure
+	var wg sync.WaitGroup
+	for range o.workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for runCtx.Err() == nil {
+				j := next.Add(1) - 1
+				if o.cases > 0 && j >= int64(o.cases) {
+					return
+				}
+				k := o.shard.i + uint64(j)*o.shard.n
+				cs := harness.Generate(harness.CaseSeed(o.seed, k), sp)
+				v := harness.Run(cs)
+				cases.Add(1)
+				points.Add(int64(v.Points))
+				states.Add(int64(v.States))
+				mu.Lock()
+				if !v.OK {
+					nfail.Add(1)
+					failures = append(failures, soakFailure{Index: k, ID: cs.ID(), Repro: "crashtest repro " + cs.ID(), Failure: v.Failure})
+				}
+				if o.verbose {
+					res := "ok"
+					if !v.OK {
+						res = "FAIL " + v.Failure.Kind
+					}
+					fmt.Fprintf(c.stderr, "case %d: %s %s points=%d states=%d\n", k, cs.ID(), res, v.Points, v.States)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	done := make(chan struct{})
+	var pwg sync.WaitGroup
+	if o.progress > 0 {
+		pwg.Add(1)
+		go func() {
+			defer pwg.Done()
+			t := time.NewTicker(o.progress)
+			defer t.Stop()
+			for {
+				select {
+				case <-done:
+					return
+				case <-t.C:
+				}
+				el := time.Since(start)
+				left := "no time limit"
+				if o.duration > 0 {
+					left = fmt.Sprintf("%v left", max(0, o.duration-el).Round(time.Second))
+				}
+				mu.Lock()
+				fmt.Fprintf(c.stderr, "soak: %d cases, %d states, %.0f states/s, %d failures, %s\n",
+					cases.Load(), states.Load(), float64(states.Load())/el.Seconds(), nfail.Load(), left)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	close(done)
+	pwg.Wait()
+	el := time.Since(start)
+	slices.SortFunc(failures, func(a, b soakFailure) int {
+		switch {
+		case a.Index < b.Index:
+			return -1
+		case a.Index > b.Index:
+			return 1
+		}
+		return 0
+	})
+	sum := soakSummary{
+		Seed: seedStr, Shard: o.shard.String(), Target: sp.Target,
+		Cases: cases.Load(), Points: points.Load(), States: states.Load(),
+		ElapsedSeconds: el.Seconds(), StatesPerSec: float64(states.Load()) / el.Seconds(),
+		Interrupted: ctx.Err() != nil, Failures: failures,
+	}
+	if sum.Failures == nil {
+		sum.Failures = []soakFailure{}
+	}
+	if o.json {
+		b, err := json.MarshalIndent(sum, "", "  ")
+		if err != nil {
+			return c.fail("soak: %v", err)
+		}
+		c.stdout.Write(append(b, '\n'))
+	} else {
+		printSoakSummary(c.stdout, sum)
+	}
+	if len(failures) > 0 {
+		return 1
+	}
+	return 0
+}
+
+func printSoakSummary(w io.Writer, s soakSummary) {
+	var b strings.Builder
+	if s.Interrupted {
+		b.WriteString("soak: interrupted; finished the cases in flight\n")
+	}
+	fmt.Fprintf(&b, "soak summary: seed=%s shard=%s target=%s cases=%d points=%d states=%d elapsed=%.1fs states/s=%.0f failures=%d\n",
+		s.Seed, s.Shard, s.Target, s.Cases, s.Points, s.States, s.ElapsedSeconds, s.StatesPerSec, len(s.Failures))
+	for _, f := range s.Failures {
+		fmt.Fprintf(&b, "FAIL case %d: %s\n  %s\n  repro: %s\n", f.Index, f.ID, printable(f.Failure.String()), f.Repro)
+	}
+	io.WriteString(w, b.String())
+}
+
+// seedFlag is a uint64 in decimal or 0x hex.
+type seedFlag struct{ p *uint64 }
+
+func (s seedFlag) String() string {
+	if s.p == nil || *s.p == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%#x", *s.p)
+}
+
+func (s seedFlag) Set(v string) error {
+	n, err := strconv.ParseUint(v, 0, 64)
+	if err != nil {
+		return fmt.Errorf("seed %q: want a decimal or 0x hex integer", v)
+	}
+	*s.p = n
+	return nil
+}
+
+// shardFlag is i/n with 0 <= i < n.
+type shardFlag struct{ i, n uint64 }
+
+func (s *shardFlag) String() string {
+	if s.n == 0 {
+		return "0/1"
+	}
+	return fmt.Sprintf("%d/%d", s.i, s.n)
+}
+
+func (s *shardFlag) Set(v string) error {
+	a, b, ok := strings.Cut(v, "/")
+	i, err1 := strconv.ParseUint(a, 10, 64)
+	n, err2 := strconv.ParseUint(b, 10, 64)
+	if !ok || err1 != nil || err2 != nil || n == 0 || i >= n {
+		return fmt.Errorf("shard %q: want i/n with 0 <= i < n", v)
+	}
+	s.i, s.n = i, n
+	return nil
+}
+
+// listFlag is a comma-separated list of names from allowed.
+type listFlag struct {
+	p       *[]string
+	allowed []string
+}
+
+func (l listFlag) String() string {
+	if l.p == nil {
+		return ""
+	}
+	return strings.Join(*l.p, ",")
+}
+
+func (l listFlag) Set(v string) error {
+	var out []string
+	for _, s := range strings.Split(v, ",") {
+		if !slices.Contains(l.allowed, s) {
+			return fmt.Errorf("unknown %q (want %s)", s, strings.Join(l.allowed, ", "))
+		}
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	*l.p = out
+	return nil
+}
+
+// modelsFlag is a comma-separated list of persistence models.
+type modelsFlag struct{ p *[]faultfs.Model }
+
+func (m modelsFlag) String() string {
+	if m.p == nil {
+		return ""
+	}
+	var s []string
+	for _, x := range *m.p {
+		s = append(s, x.String())
+	}
+	return strings.Join(s, ",")
+}
+
+func (m modelsFlag) Set(v string) error {
+	var out []faultfs.Model
+	for _, s := range strings.Split(v, ",") {
+		x, err := faultfs.ParseModel(s)
+		if err != nil {
+			return err
+		}
+		if !slices.Contains(out, x) {
+			out = append(out, x)
+		}
+	}
+	*m.p = out
+	return nil
+}

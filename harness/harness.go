@@ -1,0 +1,159 @@
+// Package harness runs crash-consistency Cases against a QCOW writer and
+// turns each into a Verdict. The Crash tests and the crashtest CLI (soak,
+// repro) are thin layers over it.
+//
+// A Case names everything a run depends on: the image format and its
+// options, the workload size and seed, the persistence model of the crash
+// states, the number of states sampled per crash point and the target (the
+// writer under test). Run(c) is deterministic: the same Case produces the
+// same workload, the same file operations, the same crash states and the
+// same Verdict in every process on every machine. Every random choice
+// derives from Case.Seed through faultfs.SubSeed of a name ("workload",
+// "backing", "states", "usability"), so adding a new named part never
+// changes what an old seed does.
+//
+// A Case has a one-line, versioned ID (see Case.ID and ParseID), e.g.
+//
+//	c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=0x1234
+//
+// which `crashtest repro` accepts, and a JSON form (encoding/json).
+//
+// # Targets
+//
+// A target is the writer under test behind the same interface:
+//
+//   - "qcow": this project's qcow writer, over faultfs.
+//   - "qcow-nobarrier": the same writer over a file system layer that turns
+//     every Sync, Datasync and SyncRange into a no-op that reports success,
+//     so the writer's barriers are silently dropped. It is deliberately
+//     broken: with the reorder, torn, prefix or lose-unsynced model the
+//     harness must report a failure (a flushed write lost, or metadata
+//     reaching the disk before what it points to). It proves the harness
+//     can fail.
+//
+// # Verdicts
+//
+// Run checks, at every crash point of the recorded workload, up to
+// Case.StatesPerPoint crash states of Case.Model, and stops at the first
+// failure. Failure kinds, in the order they are checked:
+//
+//   - "errors": a workload call returned an error although no fault was
+//     injected (the writer failed on its own).
+//   - "open": the crash state does not open.
+//   - "check": the image structure is corrupt (qcow.CheckFile reports
+//     corruptions; leaked clusters are allowed after a crash) or cannot be
+//     checked.
+//   - "durability": a sector lost a value that a completed Flush (or Close,
+//     or a write-through write) had made durable: the state would pass if
+//     no flush had been acknowledged.
+//   - "content": a sector holds a value the model never allows (neither its
+//     durable value nor any value written since).
+//   - "usability": the recovered image does not accept a new write, flush
+//     it and read it back (with every other sector unchanged), or is
+//     corrupt after doing so.
+//   - "panic": the code under test panicked (while recording the
+//     workload, or on a crash state); Detail holds the panic value.
+//   - "setup": the harness itself could not build the case (an invalid
+//     Case); not a verdict on the writer.
+package harness
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"slices"
+
+	"github.com/qcowcrash/qcowcrash/faultfs"
+)
+
+// Formats lists the format names a Case accepts: "v1" (QCOW version 1),
+// "v2" and "v3" (QCOW2 versions 2 and 3).
+var Formats = []string{"v1", "v2", "v3"}
+
+// Targets lists the target names a Case accepts (see the package
+// documentation).
+var Targets = []string{TargetQCOW, TargetNoBarrier}
+
+// The targets.
+const (
+	// TargetQCOW is this project's qcow writer.
+	TargetQCOW = "qcow"
+	// TargetNoBarrier is the qcow writer with every sync dropped: a
+	// deliberately broken target.
+	TargetNoBarrier = "qcow-nobarrier"
+)
+
+// DefaultModels are the persistence models soak draws from by default.
+// Garbage is left out: QCOW has no checksums, so random bytes in metadata
+// are not something a writer can be blamed for.
+func DefaultModels() []faultfs.Model {
+	return []faultfs.Model{faultfs.Process, faultfs.LoseUnsynced, faultfs.Reorder, faultfs.Torn, faultfs.Prefix}
+}
+
+// DefaultStatesPerPoint is the number of crash states sampled per crash
+// point by Generate.
+const DefaultStatesPerPoint = 8
+
+// Space is the set of Cases Generate draws from.
+type Space struct {
+	// Formats to draw from (default: all of Formats).
+	Formats []string
+	// Models to draw from (default: DefaultModels()).
+	Models []faultfs.Model
+	// Target of every case (default TargetQCOW).
+	Target string
+	// MaxOps bounds the workload length (default 40).
+	MaxOps int
+}
+
+// CaseSeed returns the seed of the k-th case of a run with root seed root.
+// Shard i of n runs the cases k ≡ i (mod n).
+func CaseSeed(root uint64, k uint64) uint64 {
+	return faultfs.SubSeed(root, fmt.Sprintf("case/%d", k))
+}
+
+// Generate draws a Case from sp, deterministically from seed (which
+// becomes the Case's Seed).
+func Generate(seed uint64, sp Space) Case {
+	formats := sp.Formats
+	if len(formats) == 0 {
+		formats = Formats
+	}
+	models := sp.Models
+	if len(models) == 0 {
+		models = DefaultModels()
+	}
+	target := sp.Target
+	if target == "" {
+		target = TargetQCOW
+	}
+	maxOps := sp.MaxOps
+	if maxOps <= 0 {
+		maxOps = 40
+	}
+	s := faultfs.SubSeed(seed, "case")
+	r := rand.New(rand.NewPCG(s, faultfs.SubSeed(s, "pcg")))
+	c := Case{
+		Format:         formats[r.IntN(len(formats))],
+		Model:          models[r.IntN(len(models))],
+		Backing:        r.IntN(3) == 0,
+		WriteThrough:   r.IntN(4) == 0,
+		Ops:            min(maxOps, 4+r.IntN(37)),
+		StatesPerPoint: DefaultStatesPerPoint,
+		Target:         target,
+		Seed:           seed,
+	}
+	sizes := []int64{512, 4096, 65536}
+	if c.Format == "v1" {
+		sizes = sizes[:2]
+	}
+	c.ClusterSize = sizes[r.IntN(len(sizes))]
+	// 32 KiB .. 512 KiB, a multiple of 512, not always of the cluster size.
+	c.Size = int64(64+r.IntN(961)) * 512
+	return c
+}
+
+// validFormat reports whether f is one of Formats.
+func validFormat(f string) bool { return slices.Contains(Formats, f) }
+
+// validTarget reports whether t is one of Targets.
+func validTarget(t string) bool { return slices.Contains(Targets, t) }

@@ -1,0 +1,270 @@
+package harness
+
+import (
+	"encoding/json"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/qcowcrash/qcowcrash/faultfs"
+)
+
+func TestIDRoundTrip(t *testing.T) {
+	cases := []Case{
+		{Format: "v1", ClusterSize: 512, Size: 512, Model: faultfs.Process, Ops: 0, StatesPerPoint: 1, Target: TargetQCOW, Seed: 0},
+		{Format: "v3", ClusterSize: 2 << 20, Size: MaxSize, Backing: true, Model: faultfs.LoseUnsynced, WriteThrough: true,
+			Ops: MaxOps, StatesPerPoint: MaxStatesPerPoint, Target: TargetNoBarrier, Seed: ^uint64(0)},
+	}
+	for k := range uint64(200) {
+		cases = append(cases, Generate(CaseSeed(42, k), Space{MaxOps: 1 + int(k)}))
+	}
+	for _, c := range cases {
+		id := c.ID()
+		if strings.ContainsAny(id, " \t\n'\"$&;|<>()*?`\\") {
+			t.Errorf("ID %q holds a space or shell metacharacter", id)
+		}
+		got, err := ParseID(id)
+		if err != nil {
+			t.Fatalf("ParseID(%q): %v", id, err)
+		}
+		if got != c {
+			t.Fatalf("ParseID(%q) = %+v, want %+v", id, got, c)
+		}
+		b, err := json.Marshal(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var back Case
+		if err := json.Unmarshal(b, &back); err != nil {
+			t.Fatalf("Unmarshal(%s): %v", b, err)
+		}
+		if back != c {
+			t.Fatalf("JSON %s read back as %+v, want %+v", b, back, c)
+		}
+	}
+	b, _ := json.Marshal(cases[0])
+	for _, want := range []string{`"version":"c1"`, `"model":"process"`, `"format":"v1"`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("JSON %s lacks %s", b, want)
+		}
+	}
+}
+
+func TestParseIDErrors(t *testing.T) {
+	good := "c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=0x1234"
+	if _, err := ParseID(good); err != nil {
+		t.Fatalf("ParseID(%q): %v", good, err)
+	}
+	for _, tc := range []struct{ id, want string }{
+		{"", "prefix"},
+		{"c2:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "prefix"},
+		{"c1:v4:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "format"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow", "missing field \"seed\""},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1:x=2", "unknown field"},
+		{"c1:v3:cs=4096:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "repeated"},
+		{"c1:v3:cs=4096:sz=262144:b=2:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "0 or 1"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=wobbly:wt=0:ops=40:spp=8:t=qcow:seed=1", "model"},
+		{"c1:v3:cs=4095:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "cluster size"},
+		{"c1:v1:cs=131072:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "cluster size"},
+		{"c1:v3:cs=4096:sz=1000:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "size"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=-1:spp=8:t=qcow:seed=1", "ops"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=0:t=qcow:seed=1", "states per point"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=ext4:seed=1", "target"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=zz", "seed"},
+		{"c1:v3:cs:sz=262144", "key=value"},
+	} {
+		_, err := ParseID(tc.id)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("ParseID(%q) = %v, want an error containing %q", tc.id, err, tc.want)
+		}
+	}
+	var c Case
+	if err := json.Unmarshal([]byte(`{"version":"c1","model":"torn","format":"v9"}`), &c); err == nil {
+		t.Error("JSON case with format v9 accepted")
+	}
+	if v := Run(Case{Format: "v9"}); v.OK || v.Failure == nil || v.Failure.Kind != KindSetup {
+		t.Errorf("Run(invalid case) = %+v, want a setup failure", v)
+	}
+}
+
+func TestWorkload(t *testing.T) {
+	shapes := map[string]int{}
+	kinds := map[OpKind]int{}
+	for k := range uint64(50) {
+		c := Generate(CaseSeed(7, k), Space{})
+		w := c.Workload()
+		if !reflect.DeepEqual(w, c.Workload()) {
+			t.Fatalf("%s: workload differs between two calls", c.ID())
+		}
+		if len(w) != c.Ops+1 || w[len(w)-1].Kind != OpClose {
+			t.Fatalf("%s: %d ops ending in %v, want %d ending in close", c.ID(), len(w), w[len(w)-1], c.Ops+1)
+		}
+		for _, op := range w {
+			kinds[op.Kind]++
+			shapes[string(op.Kind)+"/"+op.Shape]++
+			if op.Kind == OpWrite || op.Kind == OpZero {
+				if op.Off < 0 || op.Len < 1 || op.Off+op.Len > c.Size {
+					t.Fatalf("%s: %v outside the %d-byte disk", c.ID(), op, c.Size)
+				}
+			}
+			if op.Kind == OpWrite && int64(len(op.Data())) != op.Len {
+				t.Fatalf("%s: %v has %d data bytes", c.ID(), op, len(op.Data()))
+			}
+		}
+		c2 := c
+		c2.Seed++
+		if reflect.DeepEqual(w, c2.Workload()) {
+			t.Fatalf("%s: seed+1 gives the same workload", c.ID())
+		}
+	}
+	for _, s := range []string{"write/sub-sector", "write/unaligned", "write/straddle", "write/aligned", "write/large", "zero/cluster", "zero/unaligned", "flush/"} {
+		if shapes[s] == 0 {
+			t.Errorf("no %s op in 50 workloads: %v", s, shapes)
+		}
+	}
+	if a, b := Pattern(1, 64), Pattern(2, 64); string(a) == string(b) {
+		t.Error("patterns 1 and 2 are equal")
+	}
+	if string(Pattern(5, 100)) != string(Pattern(5, 100)) || string(Pattern(5, 100)[:50]) != string(Pattern(5, 50)) {
+		t.Error("Pattern is not deterministic or not prefix-stable")
+	}
+}
+
+// small returns a quick case for the tests.
+func small(format string, m faultfs.Model, seed uint64) Case {
+	c := Generate(seed, Space{Formats: []string{format}, Models: []faultfs.Model{m}, MaxOps: 10})
+	c.Size = min(c.Size, 128<<10)
+	c.StatesPerPoint = 4
+	return c
+}
+
+func TestRunDeterministic(t *testing.T) {
+	for _, c := range []Case{
+		small("v3", faultfs.Torn, 11),
+		func() Case { c := small("v2", faultfs.Torn, 12); c.Target = TargetNoBarrier; return c }(),
+	} {
+		a, b := Run(c), Run(c)
+		if !reflect.DeepEqual(a, b) {
+			t.Fatalf("%s: two runs differ:\n%+v\n%+v", c.ID(), a, b)
+		}
+		if a.States == 0 || a.Points == 0 || a.FileOps == 0 {
+			t.Fatalf("%s: nothing checked: %+v", c.ID(), a)
+		}
+		t.Logf("%s: ok=%v points=%d states=%d file ops=%d failure=%v", c.ID(), a.OK, a.Points, a.States, a.FileOps, a.Failure)
+	}
+}
+
+// TestOurWriterPasses runs a few cases per format and model against the
+// qcow writer: every crash state must pass every verdict.
+func TestOurWriterPasses(t *testing.T) {
+	n := uint64(1)
+	for _, f := range Formats {
+		for _, m := range DefaultModels() {
+			t.Run(f+"/"+m.String(), func(t *testing.T) {
+				for k := range n {
+					c := small(f, m, CaseSeed(3, k))
+					v := Run(c)
+					if !v.OK {
+						t.Fatalf("case %s failed: %v\nrepro: crashtest repro %s", c.ID(), v.Failure, c.ID())
+					}
+					if v.States < v.Points || v.Points < 2 {
+						t.Fatalf("case %s: %d states over %d points", c.ID(), v.States, v.Points)
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestBrokenTargetFails proves the harness can fail: the qcow-nobarrier
+// target (every sync dropped) must be caught within a few cases under each
+// model that can lose unsynced data, while the same cases pass against the
+// real writer.
+func TestBrokenTargetFails(t *testing.T) {
+	for _, m := range []faultfs.Model{faultfs.Torn, faultfs.Reorder, faultfs.LoseUnsynced, faultfs.Prefix} {
+		t.Run(m.String(), func(t *testing.T) {
+			for k := range uint64(8) {
+				c := small(Formats[k%3], m, CaseSeed(5, k))
+				c.Ops = max(c.Ops, 6)
+				c.Target = TargetNoBarrier
+				v := Run(c)
+				if v.OK {
+					continue
+				}
+				switch v.Failure.Kind {
+				case KindOpen, KindCheck, KindContent, KindDurability:
+				default:
+					t.Fatalf("case %s: unexpected failure kind: %v", c.ID(), v.Failure)
+				}
+				if (v.Failure.Kind == KindContent || v.Failure.Kind == KindDurability) && (v.Failure.Sector < 0 || !strings.Contains(v.Failure.Mismatch, "got")) {
+					t.Fatalf("case %s: %s failure without its sector: %+v", c.ID(), v.Failure.Kind, v.Failure)
+				}
+				t.Logf("broken target caught after %d cases: %s: %v; %s", k+1, c.ID(), v.Failure, v.Failure.Mismatch)
+				good := c
+				good.Target = TargetQCOW
+				if gv := Run(good); !gv.OK {
+					t.Fatalf("the real writer fails the same case %s: %v", good.ID(), gv.Failure)
+				}
+				return
+			}
+			t.Fatal("8 cases against qcow-nobarrier found no failure")
+		})
+	}
+}
+
+// TestBrokenTargetCorrupts shows the harness catches structural damage,
+// not only lost flushes: in write-back mode under the torn model, dropped
+// barriers let metadata reach the disk without what it depends on, and
+// some case must fail the open or check verdict.
+func TestBrokenTargetCorrupts(t *testing.T) {
+	kinds := map[string]int{}
+	for k := range uint64(12) {
+		c := Generate(CaseSeed(1, k), Space{Models: []faultfs.Model{faultfs.Torn}, Target: TargetNoBarrier, MaxOps: 20})
+		c.WriteThrough = false
+		v := Run(c)
+		if v.OK {
+			continue
+		}
+		kinds[v.Failure.Kind]++
+		if v.Failure.Kind == KindOpen || v.Failure.Kind == KindCheck {
+			t.Logf("caught after %d cases: %s: %v", k+1, c.ID(), v.Failure)
+			return
+		}
+	}
+	t.Fatalf("12 write-back torn cases against qcow-nobarrier: no open or check failure (failure kinds: %v)", kinds)
+}
+
+func TestRecord(t *testing.T) {
+	c := small("v3", faultfs.Torn, 21)
+	tr, err := Record(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tr.Ops) != c.Ops+1 || len(tr.Start) != len(tr.Ops) || len(tr.End) != len(tr.Ops) {
+		t.Fatalf("%d ops, %d starts, %d ends, want %d", len(tr.Ops), len(tr.Start), len(tr.End), c.Ops+1)
+	}
+	for i := range tr.Ops {
+		if tr.End[i] < tr.Start[i] || (i > 0 && tr.Start[i] != tr.End[i-1]) {
+			t.Fatalf("op %d: file ops [%d,%d) after [%d,%d)", i, tr.Start[i], tr.End[i], tr.Start[max(0, i-1)], tr.End[max(0, i-1)])
+		}
+	}
+	if tr.End[len(tr.End)-1] != len(tr.FileOps) || Run(c).FileOps != len(tr.FileOps) {
+		t.Fatalf("trace ends at %d of %d file ops", tr.End[len(tr.End)-1], len(tr.FileOps))
+	}
+	if !reflect.DeepEqual(tr.Ops, c.Workload()) {
+		t.Fatal("trace ops differ from the workload")
+	}
+	if _, err := Record(Case{}); err == nil {
+		t.Fatal("Record of an invalid case succeeded")
+	}
+}
+
+// TestPanicIsFailure: a panic below checkState (here, a nil crash state)
+// becomes a "panic" failure instead of killing a soak.
+func TestPanicIsFailure(t *testing.T) {
+	r := &run{c: small("v3", faultfs.Torn, 1)}
+	f := r.checkState(0, nil)
+	if f == nil || f.Kind != KindPanic || !strings.HasPrefix(f.Detail, "panic: ") {
+		t.Fatalf("checkState(nil) = %+v, want a panic failure", f)
+	}
+}

@@ -1,0 +1,479 @@
+package harness
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/qcowcrash/qcowcrash/faultfs"
+	"github.com/qcowcrash/qcowcrash/model"
+	"github.com/qcowcrash/qcowcrash/qcow"
+	"github.com/qcowcrash/qcowcrash/vfs"
+)
+
+// Failure kinds (see the package documentation).
+const (
+	KindErrors     = "errors"
+	KindOpen       = "open"
+	KindCheck      = "check"
+	KindDurability = "durability"
+	KindContent    = "content"
+	KindUsability  = "usability"
+	KindSetup      = "setup"
+	KindPanic      = "panic"
+)
+
+// Failure is the first thing that went wrong in a case.
+type Failure struct {
+	// Kind is one of the Kind constants.
+	Kind string `json:"kind"`
+	// Point is the crash point: the number of file operations (of the
+	// faultfs log) applied; -1 when the failure is not at a crash point.
+	Point int `json:"point"`
+	// Op is the index of the workload op in flight at the crash point, or
+	// the number of ops (all completed); -1 when not at a crash point.
+	Op int `json:"op"`
+	// StateKey identifies the crash state: "INDEX/KEY" with its index in
+	// the point's enumeration and faultfs.State.Key in hex.
+	StateKey string `json:"state_key,omitempty"`
+	// State describes the crash state (faultfs.State.String, shortened).
+	State string `json:"state,omitempty"`
+	// Detail is the error, on one line.
+	Detail string `json:"detail"`
+	// Sector is the first sector whose content the model does not allow
+	// (content and durability failures), -1 otherwise.
+	Sector int64 `json:"sector"`
+	// Mismatch shows, for that sector, where it first differs from each
+	// allowed value, in hex: "byte J: got XX.. want YY..; ...".
+	Mismatch string `json:"mismatch,omitempty"`
+}
+
+// String describes the failure on one line.
+func (f *Failure) String() string {
+	if f.Point < 0 {
+		return fmt.Sprintf("%s: %s", f.Kind, f.Detail)
+	}
+	return fmt.Sprintf("%s at crash point %d (workload op %d) state %s: %s", f.Kind, f.Point, f.Op, f.StateKey, f.Detail)
+}
+
+// Verdict is the result of running a Case.
+type Verdict struct {
+	Case Case `json:"case"`
+	// OK is true when every checked crash state passed.
+	OK bool `json:"ok"`
+	// Failure is the first failure, nil when OK.
+	Failure *Failure `json:"failure,omitempty"`
+	// FileOps is the number of file operations the workload made.
+	FileOps int `json:"file_ops"`
+	// Points and States count the crash points and states checked (up to
+	// and including the failing one).
+	Points int `json:"points"`
+	States int `json:"states"`
+}
+
+const (
+	imageName   = "disk.img"
+	backingName = "base.raw"
+)
+
+// run holds one case's recorded workload.
+type run struct {
+	c      Case
+	ops    []Op
+	data   [][]byte // data[i] is ops[i].Data()
+	starts []int    // starts[i]: faultfs log length when ops[i] began
+	ends   []int    // ends[i]: faultfs log length when ops[i] returned
+	base   []byte   // backing contents, nil without a backing file
+}
+
+// Run runs the case and returns its verdict. It never panics on a valid
+// case; an invalid one gives a "setup" failure.
+func Run(c Case) Verdict {
+	v := Verdict{Case: c}
+	r, ffs, f := prepare(c)
+	if ffs != nil {
+		v.FileOps = len(ffs.Log())
+	}
+	if f != nil {
+		f.Detail = shorten(f.Detail, 600)
+		v.Failure = f
+		return v
+	}
+	rec := ffs.Recording()
+	v.FileOps = rec.Len()
+	statesSeed := faultfs.SubSeed(c.Seed, "states")
+	for p := range rec.Points() {
+		v.Points++
+		for s := range p.States(c.Model, statesSeed, c.StatesPerPoint) {
+			v.States++
+			if f := r.checkState(p.Ops(), s); f != nil {
+				f.Point = p.Ops()
+				f.Op = r.inFlight(p.Ops())
+				f.StateKey = fmt.Sprintf("%d/%016x", s.Index(), s.Key())
+				f.State = shorten(s.String(), 400)
+				f.Detail = shorten(f.Detail, 600)
+				v.Failure = f
+				return v
+			}
+		}
+	}
+	v.OK = true
+	return v
+}
+
+// prepare validates the case, creates its files and records its workload.
+// ffs is nil when the failure came before recording began. A panic in the
+// code under test is a failure of kind "panic".
+func prepare(c Case) (r *run, ffs *faultfs.FS, f *Failure) {
+	defer func() {
+		if p := recover(); p != nil {
+			f = &Failure{Kind: KindPanic, Point: -1, Op: -1, Sector: -1, Detail: fmt.Sprintf("panic while recording the workload: %v", p)}
+		}
+	}()
+	if err := c.Validate(); err != nil {
+		return nil, nil, &Failure{Kind: KindSetup, Point: -1, Op: -1, Sector: -1, Detail: err.Error()}
+	}
+	r = &run{c: c, ops: c.Workload()}
+	for _, op := range r.ops {
+		r.data = append(r.data, op.Data())
+	}
+	mem := vfs.NewMem()
+	if err := r.setup(mem); err != nil {
+		return nil, nil, &Failure{Kind: KindSetup, Point: -1, Op: -1, Sector: -1, Detail: err.Error()}
+	}
+	ffs = faultfs.New(mem)
+	var target vfs.FS = ffs
+	if c.Target == TargetNoBarrier {
+		target = noBarrierFS{ffs}
+	}
+	return r, ffs, r.record(target, ffs)
+}
+
+// Trace is a case's recorded workload, for reports.
+type Trace struct {
+	// Ops is the workload; Start[i] and End[i] delimit the file
+	// operations op i made: FileOps[Start[i]:End[i]].
+	Ops        []Op
+	Start, End []int
+	// FileOps is the faultfs log, one line per file operation; crash
+	// point n is the state after FileOps[:n].
+	FileOps []string
+}
+
+// Record runs the case's workload, without crashing it, and returns its
+// trace. It is deterministic like Run; an error means the workload itself
+// failed (Run reports the same as a failure).
+func Record(c Case) (*Trace, error) {
+	r, ffs, f := prepare(c)
+	t := &Trace{}
+	if r != nil {
+		t.Ops = r.ops[:len(r.ends)]
+		t.Start, t.End = r.starts, r.ends
+	}
+	if ffs != nil {
+		for _, op := range ffs.Log() {
+			t.FileOps = append(t.FileOps, op.String())
+		}
+	}
+	if f != nil {
+		return t, fmt.Errorf("harness: %s", f)
+	}
+	return t, nil
+}
+
+// setup creates the backing file and the image in mem, durably.
+func (r *run) setup(mem vfs.FS) error {
+	c := r.c
+	o := qcow.CreateOptions{Format: qcow.FormatQCOW2, Size: c.Size, ClusterSize: c.ClusterSize}
+	switch c.Format {
+	case "v1":
+		o.Format = qcow.FormatQCOW
+	case "v2":
+		o.Version = 2
+	default:
+		o.Version = 3
+	}
+	if c.Backing {
+		r.base = Pattern(faultfs.SubSeed(c.Seed, "backing"), c.Size)
+		f, err := mem.Create(backingName)
+		if err != nil {
+			return fmt.Errorf("create backing file: %w", err)
+		}
+		_, err = f.WriteAt(r.base, 0)
+		if err == nil {
+			err = f.Sync()
+		}
+		if e := f.Close(); err == nil {
+			err = e
+		}
+		if err != nil {
+			return fmt.Errorf("write backing file: %w", err)
+		}
+		o.BackingFile = backingName
+		if c.Format != "v1" {
+			o.BackingFormat = "raw"
+		}
+	}
+	if err := qcow.Create(mem, imageName, o); err != nil {
+		return fmt.Errorf("create image: %w", err)
+	}
+	return mem.SyncDir(".")
+}
+
+// record runs the workload on the image over target, noting where each op
+// begins and ends in ffs's log.
+func (r *run) record(target vfs.FS, ffs *faultfs.FS) *Failure {
+	im, err := qcow.Open(target, imageName, &qcow.Options{ReadWrite: true, WriteThrough: r.c.WriteThrough})
+	if err != nil {
+		return &Failure{Kind: KindErrors, Point: -1, Op: -1, Sector: -1, Detail: "open for writing: " + err.Error()}
+	}
+	for i, op := range r.ops {
+		r.starts = append(r.starts, len(ffs.Log()))
+		switch op.Kind {
+		case OpWrite:
+			_, err = im.WriteAt(r.data[i], op.Off)
+		case OpZero:
+			err = im.WriteZeroes(op.Off, op.Len)
+		case OpFlush:
+			err = im.Flush()
+		case OpClose:
+			err = im.Close()
+		}
+		r.ends = append(r.ends, len(ffs.Log()))
+		if err != nil {
+			if op.Kind != OpClose {
+				im.Close()
+			}
+			return &Failure{Kind: KindErrors, Point: -1, Op: i, Sector: -1,
+				Detail: fmt.Sprintf("op %d (%s) failed with no fault injected: %v", i, op, err)}
+		}
+	}
+	return nil
+}
+
+// inFlight returns the index of the workload op in flight at crash point n
+// (some of its file operations applied, not all), or the index of the
+// next op to start when none is.
+func (r *run) inFlight(n int) int {
+	for i := range r.ops {
+		if r.ends[i] > n {
+			return i
+		}
+	}
+	return len(r.ops)
+}
+
+// modelAt returns the reference disk a crash at point n must match: the
+// ops completed before n applied (flushes recorded unless noFlush), the op
+// in flight as a failed write, and then a crash.
+func (r *run) modelAt(n int, noFlush bool) *model.Disk {
+	var base *bytes.Reader
+	if r.base != nil {
+		base = bytes.NewReader(r.base)
+	}
+	var m *model.Disk
+	if base != nil {
+		m = model.New(r.c.Size, base)
+	} else {
+		m = model.New(r.c.Size, nil)
+	}
+	flush := func() {
+		if !noFlush {
+			m.Flush()
+		}
+	}
+	for i, op := range r.ops {
+		switch {
+		case r.ends[i] <= n: // completed
+			switch op.Kind {
+			case OpWrite:
+				m.Write(r.data[i], op.Off)
+			case OpZero:
+				m.WriteZeroes(op.Off, op.Len)
+			case OpFlush, OpClose:
+				flush()
+			}
+			if r.c.WriteThrough && (op.Kind == OpWrite || op.Kind == OpZero) {
+				flush()
+			}
+			continue
+		case r.starts[i] < n: // in flight: each sector old or new
+			switch op.Kind {
+			case OpWrite:
+				m.FailedWrite(r.data[i], op.Off)
+			case OpZero:
+				m.FailedWriteZeroes(op.Off, op.Len)
+			}
+		}
+		break
+	}
+	m.Crash()
+	return m
+}
+
+// checkState runs the verdicts on one crash state at point n. A panic in
+// the code under test is a failure of kind "panic".
+func (r *run) checkState(n int, s *faultfs.State) (f *Failure) {
+	defer func() {
+		if p := recover(); p != nil {
+			f = &Failure{Kind: KindPanic, Sector: -1, Detail: fmt.Sprintf("panic: %v", p)}
+		}
+	}()
+	im, err := qcow.Open(s, imageName, nil)
+	if err != nil {
+		return &Failure{Kind: KindOpen, Sector: -1, Detail: err.Error()}
+	}
+	res, err := qcow.CheckFile(s, imageName, "")
+	if err != nil {
+		im.Close()
+		return &Failure{Kind: KindCheck, Sector: -1, Detail: "check could not complete: " + err.Error()}
+	}
+	if res.Corruptions > 0 {
+		im.Close()
+		return &Failure{Kind: KindCheck, Sector: -1, Detail: checkDetail(res)}
+	}
+	m := r.modelAt(n, false)
+	err = m.Check(im)
+	if err != nil {
+		f := &Failure{Kind: KindContent, Detail: err.Error(), Sector: -1}
+		var me *model.MismatchError
+		if errors.As(err, &me) {
+			f.Sector, f.Mismatch = me.Sector, mismatch(me)
+			if r.modelAt(n, true).Check(im) == nil {
+				f.Kind = KindDurability
+			}
+		}
+		im.Close()
+		return f
+	}
+	im.Close()
+	// m now holds what the recovered image holds.
+	if err := r.usable(s, m, n); err != nil {
+		return &Failure{Kind: KindUsability, Sector: -1, Detail: err.Error()}
+	}
+	return nil
+}
+
+// usable reopens the recovered image for writing, writes a new pattern,
+// flushes, closes, and checks that every sector reads as m (with the new
+// write) says and that the image is still free of corruption.
+func (r *run) usable(s *faultfs.State, m *model.Disk, n int) error {
+	seed := faultfs.SubSeed(r.c.Seed, fmt.Sprintf("usability/%d/%d", n, s.Index()))
+	off := int64(seed % uint64(r.c.Size))
+	ln := min(r.c.Size-off, r.c.ClusterSize+int64(seed>>40)%r.c.ClusterSize+1)
+	p := Pattern(seed, ln)
+	im, err := qcow.Open(s, imageName, &qcow.Options{ReadWrite: true})
+	if err != nil {
+		return fmt.Errorf("reopen for writing: %w", err)
+	}
+	if _, err := im.WriteAt(p, off); err != nil {
+		im.Close()
+		return fmt.Errorf("write %d bytes at %d: %w", ln, off, err)
+	}
+	if err := im.Flush(); err != nil {
+		im.Close()
+		return fmt.Errorf("flush: %w", err)
+	}
+	got := make([]byte, ln)
+	if _, err := im.ReadAt(got, off); err != nil {
+		im.Close()
+		return fmt.Errorf("read back: %w", err)
+	}
+	if !bytes.Equal(got, p) {
+		im.Close()
+		return fmt.Errorf("read back %d bytes at %d: differ from what was written", ln, off)
+	}
+	if err := im.Close(); err != nil {
+		return fmt.Errorf("close: %w", err)
+	}
+	if err := m.Write(p, off); err != nil {
+		return err
+	}
+	im, err = qcow.Open(s, imageName, nil)
+	if err != nil {
+		return fmt.Errorf("open after write: %w", err)
+	}
+	defer im.Close()
+	if err := m.Check(im); err != nil {
+		return fmt.Errorf("after writing %d bytes at %d: %w", ln, off, err)
+	}
+	res, err := qcow.CheckFile(s, imageName, "")
+	if err != nil {
+		return fmt.Errorf("check after write: %w", err)
+	}
+	if res.Corruptions > 0 {
+		return fmt.Errorf("corrupt after write: %s", checkDetail(res))
+	}
+	return nil
+}
+
+// mismatch shows where the sector first differs from each allowed value.
+func mismatch(me *model.MismatchError) string {
+	var b strings.Builder
+	for i, a := range me.Allowed {
+		if i == 4 {
+			fmt.Fprintf(&b, "; (%d more allowed values)", len(me.Allowed)-i)
+			break
+		}
+		j := 0
+		for j < len(a) && j < len(me.Got) && a[j] == me.Got[j] {
+			j++
+		}
+		end := min(j+16, len(a), len(me.Got))
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		fmt.Fprintf(&b, "byte %d: got %x want %x", j, me.Got[j:end], a[j:end])
+	}
+	return b.String()
+}
+
+// checkDetail summarizes a check result with its first finding.
+func checkDetail(res *qcow.CheckResult) string {
+	d := fmt.Sprintf("%d corruptions, %d leaks", res.Corruptions, res.Leaks)
+	for _, f := range res.Findings {
+		if f.Kind == qcow.Corruption {
+			d += fmt.Sprintf("; first corruption at offset %d: %s", f.Offset, f.Msg)
+			break
+		}
+	}
+	return d
+}
+
+// shorten folds s onto one line and cuts it to at most n bytes, marking
+// the cut.
+func shorten(s string, n int) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
+// noBarrierFS is the TargetNoBarrier layer: every sync of a file reports
+// success without reaching the file system below.
+type noBarrierFS struct{ vfs.FS }
+
+func (f noBarrierFS) Open(name string, flag vfs.OpenFlag) (vfs.File, error) {
+	h, err := f.FS.Open(name, flag)
+	if err != nil {
+		return nil, err
+	}
+	return noBarrierFile{h}, nil
+}
+
+func (f noBarrierFS) Create(name string) (vfs.File, error) {
+	h, err := f.FS.Create(name)
+	if err != nil {
+		return nil, err
+	}
+	return noBarrierFile{h}, nil
+}
+
+// noBarrierFile drops Sync, Datasync and SyncRange.
+type noBarrierFile struct{ vfs.File }
+
+func (noBarrierFile) Sync() error                  { return nil }
+func (noBarrierFile) Datasync() error              { return nil }
+func (noBarrierFile) SyncRange(off, n int64) error { return nil }

@@ -1,0 +1,136 @@
+package harness
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+
+	"github.com/qcowcrash/qcowcrash/faultfs"
+)
+
+// OpKind is the kind of a workload operation.
+type OpKind string
+
+// The workload operation kinds.
+const (
+	OpWrite OpKind = "write" // Image.WriteAt of pattern bytes
+	OpZero  OpKind = "zero"  // Image.WriteZeroes
+	OpFlush OpKind = "flush" // Image.Flush
+	OpClose OpKind = "close" // Image.Close; always the last op, not counted in Case.Ops
+)
+
+// Op is one workload operation on the virtual disk.
+type Op struct {
+	Kind OpKind `json:"kind"`
+	// Shape says how the range was drawn (sub-sector, unaligned,
+	// straddle, aligned, large, cluster), for reports.
+	Shape string `json:"shape,omitempty"`
+	Off   int64  `json:"off,omitempty"`
+	Len   int64  `json:"len,omitempty"`
+	// Pattern seeds the bytes of a write (see Pattern).
+	Pattern uint64 `json:"pattern,omitempty"`
+}
+
+// String describes the op on one line.
+func (o Op) String() string {
+	switch o.Kind {
+	case OpWrite:
+		return fmt.Sprintf("write off=%d len=%d shape=%s pattern=%#x", o.Off, o.Len, o.Shape, o.Pattern)
+	case OpZero:
+		return fmt.Sprintf("zero off=%d len=%d shape=%s", o.Off, o.Len, o.Shape)
+	}
+	return string(o.Kind)
+}
+
+// Data returns the bytes a write op writes (nil for other kinds).
+func (o Op) Data() []byte {
+	if o.Kind != OpWrite {
+		return nil
+	}
+	return Pattern(o.Pattern, o.Len)
+}
+
+// splitmix64 is one step of SplitMix64.
+func splitmix64(x uint64) uint64 {
+	x += 0x9e3779b97f4a7c15
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9
+	x = (x ^ (x >> 27)) * 0x94d049bb133111eb
+	return x ^ (x >> 31)
+}
+
+// Pattern returns n deterministic pseudo-random bytes derived from seed:
+// two different seeds give different bytes in every 8-byte word (with
+// overwhelming probability), so old and new data are told apart.
+func Pattern(seed uint64, n int64) []byte {
+	b := make([]byte, (n+7)&^7)
+	for i := int64(0); i < int64(len(b)); i += 8 {
+		binary.LittleEndian.PutUint64(b[i:], splitmix64(seed^uint64(i)*0x2545f4914f6cdd1d))
+	}
+	return b[:n]
+}
+
+// Workload returns the case's operations, deterministically from
+// Case.Seed: Case.Ops writes, zero writes and flushes, then a close.
+func (c Case) Workload() []Op {
+	s := faultfs.SubSeed(c.Seed, "workload")
+	r := rand.New(rand.NewPCG(s, faultfs.SubSeed(s, "pcg")))
+	ops := make([]Op, 0, c.Ops+1)
+	for range c.Ops {
+		ops = append(ops, c.drawOp(r))
+	}
+	return append(ops, Op{Kind: OpClose})
+}
+
+// drawOp draws one operation within the disk.
+func (c Case) drawOp(r *rand.Rand) Op {
+	size, cs := c.Size, c.ClusterSize
+	// rng returns a uniform value in [lo, hi] (lo when hi < lo).
+	rng := func(lo, hi int64) int64 {
+		if hi <= lo {
+			return lo
+		}
+		return lo + r.Int64N(hi-lo+1)
+	}
+	clamp := func(o Op) Op {
+		o.Off = max(0, min(o.Off, size-1))
+		o.Len = max(1, min(o.Len, size-o.Off))
+		return o
+	}
+	x := r.IntN(100)
+	switch {
+	case x < 12:
+		return Op{Kind: OpFlush}
+	case x < 24: // zero writes: whole clusters or an unaligned range
+		if r.IntN(2) == 0 && size >= cs {
+			n := rng(1, min(4, size/cs))
+			off := rng(0, size/cs-n) * cs
+			return clamp(Op{Kind: OpZero, Shape: "cluster", Off: off, Len: n * cs})
+		}
+		return clamp(Op{Kind: OpZero, Shape: "unaligned", Off: rng(0, size-1), Len: rng(1, 2*cs)})
+	}
+	o := Op{Kind: OpWrite, Pattern: r.Uint64()}
+	switch y := r.IntN(5); y {
+	case 0:
+		o.Shape, o.Off, o.Len = "sub-sector", rng(0, size-1), rng(1, 511)
+	case 1:
+		o.Shape, o.Off, o.Len = "unaligned", rng(0, size-1), rng(1, 2*cs)
+	case 2: // across a cluster boundary
+		o.Shape = "straddle"
+		if size > cs {
+			b := rng(1, (size-1)/cs) * cs
+			o.Off = b - rng(1, min(b, 4096))
+			o.Len = b - o.Off + rng(1, 4096)
+		} else {
+			o.Off, o.Len = 0, size
+		}
+	case 3:
+		o.Shape = "aligned"
+		o.Off = rng(0, size/512-1) * 512
+		o.Len = rng(1, 16) * 512
+	default:
+		o.Shape = "large"
+		o.Off = rng(0, size-1)
+		o.Len = rng(cs, min(4*cs, 256<<10))
+	}
+	return clamp(o)
+}
