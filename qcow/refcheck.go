@@ -285,6 +285,37 @@ type checker struct {
 
 	l2        []l2Use // distinct L2 tables, sorted by offset (after flush)
 	l2Pending []l2Use // not yet merged into l2
+
+	// For Repair: incomplete is set when some structure could not be
+	// walked or counted (so computed references may be too low and no
+	// refcount may be lowered); copied lists the active L1 and L2 entries
+	// whose COPIED flag disagrees with the stored refcount, when
+	// wantCopied is set, up to maxRepairCopied of them.
+	incomplete bool
+	wantCopied bool
+	copied     []copiedFix
+}
+
+// maxRepairCopied bounds the COPIED fixes one Repair collects (48 bytes
+// each); the rest stay corruptions for the next repair.
+const maxRepairCopied = 1 << 20
+
+// noteCopied records a COPIED fix for Repair.
+func (c *checker) noteCopied(fx copiedFix) {
+	if c.wantCopied && len(c.copied) < maxRepairCopied {
+		c.copied = append(c.copied, fx)
+	}
+}
+
+// copiedFix is an active L1 or L2 entry whose COPIED flag disagrees with the
+// stored refcount rc of the cluster it points at (host cluster index k).
+type copiedFix struct {
+	at    int64  // file offset of the entry
+	entry uint64 // the entry as read
+	k     int64  // host cluster index it points at
+	rc    uint64 // stored refcount of that cluster
+	n     uint64 // corruptions counted for it
+	l1    bool   // an L1 entry (else an L2 entry)
 }
 
 type rbEntry struct {
@@ -364,6 +395,7 @@ func (c *checker) ref(off, size int64, k refKind, m uint64, at int64) bool {
 	}
 	if off < 0 || off > MaxHostOffset || off+size-c.fileSize >= c.cs {
 		c.corrupt(m, at, "%s at %#x (%d bytes) lies a cluster or more beyond the end of the file (%d bytes)", k, off, size, c.fileSize)
+		c.incomplete = true
 		return false
 	}
 	first, last := off>>c.cb, (off+size-1)>>c.cb
@@ -521,6 +553,7 @@ func (c *checker) l1Entry(e uint64, i, at int64, m uint64, active bool, what str
 	}
 	if active {
 		if rc, ok := c.onDisk(int64(l2 >> c.cb)); ok && (rc == 1) != (e&flagCopied != 0) {
+			c.noteCopied(copiedFix{at: at, entry: e, k: int64(l2 >> c.cb), rc: rc, n: 1, l1: true})
 			c.corrupt(1, at, "OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%#x refcount=%d (COPIED must be set exactly when the refcount is 1)", i, e, rc)
 		}
 	}
@@ -584,6 +617,7 @@ func (c *checker) walkL2Tables() error {
 	for _, u := range c.l2 {
 		if end > 0 && u.off < end {
 			c.corrupt(u.refs, int64(u.off), "L2 table at %#x overlaps the L2 table before it; not walked", u.off)
+			c.incomplete = true
 			continue
 		}
 		end = u.off + uint64(c.cs)
@@ -686,6 +720,9 @@ func (c *checker) l2Entry(e, bm uint64, at int64, u l2Use, next *uint64) {
 			rc, ok = c.onDisk(int64(host >> c.cb))
 		}
 		if ok && (rc == 1) != (e&flagCopied != 0) {
+			if !c.dataFile {
+				c.noteCopied(copiedFix{at: at, entry: e, k: int64(host >> c.cb), rc: rc, n: act})
+			}
 			c.corrupt(act, at, "OFLAG_COPIED data cluster: l2_entry=%#x refcount=%d (COPIED must be set exactly when the refcount is 1)", e, rc)
 		}
 	}
@@ -720,6 +757,7 @@ func (c *checker) checkSnapshots() {
 		tableLen = (tableLen + 7) &^ 7
 		if off+snapshotFixedLen > c.fileSize {
 			c.corrupt(uint64(h.nbSnapshots-i), off, "snapshot table entry %d at %#x lies beyond the end of the file (%d bytes); %d snapshots not checked", i, off, c.fileSize, h.nbSnapshots-i)
+			c.incomplete = true
 			break
 		}
 		copy(fixed[:], c.readPadded(off, snapshotFixedLen))
@@ -741,17 +779,21 @@ func (c *checker) checkSnapshots() {
 		tableLen += snapshotFixedLen + kept + idLen + nameLen
 		if tableLen > MaxSnapshotTableBytes {
 			c.corrupt(uint64(h.nbSnapshots-i), s.at, "snapshot table is too big (over %d bytes at entry %d); %d snapshots not checked", MaxSnapshotTableBytes, i, h.nbSnapshots-i)
+			c.incomplete = true
 			break
 		}
 		switch {
 		case s.off%uint64(c.cs) != 0:
 			c.corrupt(1, s.at, "snapshot %q: L1 table offset %#x is not cluster aligned", s.id, s.off)
+			c.incomplete = true
 			continue
 		case uint64(s.size) > MaxL1Bytes/8:
 			c.corrupt(1, s.at+8, "snapshot %q: L1 table of %d entries is too large (limit %d)", s.id, s.size, MaxL1Bytes/8)
+			c.incomplete = true
 			continue
 		case s.size > 0 && s.off == 0:
 			c.corrupt(1, s.at, "snapshot %q: L1 table at offset 0 (the header)", s.id)
+			c.incomplete = true
 			continue
 		case s.size == 0:
 			continue
@@ -791,6 +833,7 @@ func (c *checker) checkSnapshots() {
 		sEnd := s.off + uint64(s.size)*8
 		if s.off < end || (c.h.l1Size > 0 && s.off < activeEnd && activeOff < sEnd) {
 			c.corrupt(s.refs, int64(s.off), "snapshot %q: L1 table at %#x overlaps another L1 table; not walked", s.id, s.off)
+			c.incomplete = true
 			c.ref(int64(s.off), int64(s.size)*8, kindSnapL1, s.refs, s.at)
 			continue
 		}
@@ -836,6 +879,7 @@ func (c *checker) checkBitmaps() {
 		at := int64(b.dirOff) + p
 		if p+bitmapDirEntryLen > int64(len(dir)) {
 			c.corrupt(1, at, "bitmap directory entry %d is truncated", n)
+			c.incomplete = true
 			return
 		}
 		e := dir[p:]
@@ -847,6 +891,7 @@ func (c *checker) checkBitmaps() {
 		entLen := (bitmapDirEntryLen + extra + nameLen + 7) &^ 7
 		if entLen > int64(len(dir))-p {
 			c.corrupt(1, at, "bitmap directory entry %d (%d bytes) extends beyond the directory", n, entLen)
+			c.incomplete = true
 			return
 		}
 		p += entLen
@@ -854,6 +899,7 @@ func (c *checker) checkBitmaps() {
 			gran > bitmapMaxGranularity || gran < bitmapMinGranularity || flags&bitmapReservedFlags != 0 ||
 			nameLen == 0 || nameLen > bitmapMaxNameLen || typ != bitmapTypeDirtyTracker {
 			c.corrupt(1, at, "bitmap directory entry %d is invalid (table %#x of %d entries, flags %#x, type %d, granularity bits %d, name length %d)", n, t.off, t.size, flags, typ, gran, nameLen)
+			c.incomplete = true
 			continue
 		}
 		tables = append(tables, t)
@@ -880,6 +926,7 @@ func (c *checker) checkBitmaps() {
 		}
 		if t.off < end {
 			c.corrupt(1, int64(t.off), "bitmap table at %#x overlaps another bitmap table; not walked", t.off)
+			c.incomplete = true
 			continue
 		}
 		end = t.off + uint64(size)
@@ -911,15 +958,18 @@ func (c *checker) checkRefBlocks() {
 		at := int64(c.h.rtOff) + int64(i)*8
 		if e&rtReservedMask != 0 {
 			c.corrupt(1, at, "refcount table entry %d (%#x) has reserved bits set", i, e)
+			c.incomplete = true
 			continue
 		}
 		off := e & rtOffsetMask
 		if off%uint64(c.cs) != 0 {
 			c.corrupt(1, at, "refcount block %d at %#x is not cluster aligned; refcount table entry corrupted", i, off)
+			c.incomplete = true
 			continue
 		}
 		if off>>c.cb >= uint64(c.nb) {
 			c.corrupt(1, at, "refcount block %d at %#x is outside the image (file size %d)", i, off, c.fileSize)
+			c.incomplete = true
 			continue
 		}
 		if off == 0 {
