@@ -109,6 +109,21 @@ func Open(fsys vfs.FS, name string, opts *Options) (*Image, error) {
 	if err != nil || !o.ReadWrite {
 		return im, err
 	}
+	if im.format == FormatQCOW2 && im.h.incompat&IncompatDirty != 0 && im.h.incompat&IncompatCorrupt == 0 {
+		// A dirty image (lazy refcounts in use when it was last written)
+		// has refcounts that may be too low: rebuild them before writing,
+		// as qemu does on a writable open. Repair clears the bit last,
+		// after everything else is durable, so a crash during it leaves a
+		// dirty image that the next open repairs again.
+		format := im.format
+		im.Close()
+		if err := rebuildDirty(fsys, name, format); err != nil {
+			return nil, err
+		}
+		if im, err = open(fsys, name, o, format, 0, map[string]bool{}); err != nil {
+			return nil, err
+		}
+	}
 	if err := im.openWriter(o); err != nil {
 		im.Close()
 		return nil, err

@@ -465,3 +465,16 @@ func (im *Image) clearFlags(mode RepairMode, after *CheckResult) error {
 	h.incompat = v
 	return nil
 }
+
+// rebuildDirty repairs the refcounts of a dirty image before a writable
+// open, and fails unless the image is then clean and no longer dirty.
+func rebuildDirty(fsys vfs.FS, name string, format Format) error {
+	res, err := Repair(fsys, name, format, RepairAll)
+	if err != nil {
+		return fmt.Errorf("qcow: %s: rebuilding the refcounts of a dirty image: %w", name, err)
+	}
+	if a := res.After; a == nil || a.Corruptions > 0 || a.Leaks > 0 || a.CheckErrors > 0 {
+		return fmt.Errorf("%w: %s: the dirty bit is set and the refcounts could not be fully rebuilt (qemu-img check -r all)", ErrReadOnly, name)
+	}
+	return nil
+}
