@@ -61,3 +61,37 @@ func TestOpenDirtyRebuilds(t *testing.T) {
 		t.Fatal("data differs after rebuild and write")
 	}
 }
+
+// TestOpenDirtyClearsBit: a dirty image whose refcounts happen to be right
+// opens for writing, and the writable open leaves it clean and not dirty.
+func TestOpenDirtyClearsBit(t *testing.T) {
+	mem := vfs.NewMem()
+	if err := Create(mem, "img", CreateOptions{Size: 1 << 20, LazyRefcounts: true}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := mem.Open("img", vfs.ReadWrite)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{0, 0, 0, 0, 0, 0, 0, IncompatDirty}, 72); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	im, err := Open(mem, "img", &Options{ReadWrite: true})
+	if err != nil {
+		t.Fatalf("writable open of a dirty image: %v", err)
+	}
+	if im.h.incompat&IncompatDirty != 0 {
+		t.Error("dirty bit still set after the writable open")
+	}
+	if _, err := im.WriteAt([]byte("hello"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res, err := CheckFile(mem, "img", "")
+	if err != nil || res.Corruptions+res.Leaks+res.CheckErrors != 0 {
+		t.Fatalf("check after the dirty open and a write: %+v, %v", res, err)
+	}
+}

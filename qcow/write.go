@@ -85,10 +85,11 @@ package qcow
 // # Not supported
 //
 // Writing to extended-L2 (subcluster) images, images with an external data
-// file, persistent bitmaps, the dirty bit set (refcounts must be rebuilt
-// first, e.g. `qemu-img check -r all`) or the corrupt bit set: Open with
-// ReadWrite refuses them with an error wrapping ErrReadOnly. Lazy refcounts
-// are accepted but not used (refcounts are always written). Shrinking.
+// file, persistent bitmaps or the corrupt bit set: Open with ReadWrite
+// refuses them with an error wrapping ErrReadOnly. A dirty image (dirty bit
+// set) is repaired by Open (Repair with RepairAll) before it is written,
+// and refused if that does not make it clean. Lazy refcounts are accepted
+// but not used (refcounts are always written). Shrinking.
 // Freed clusters are never reused, and nothing is discarded.
 
 import (
@@ -151,7 +152,22 @@ type writer struct {
 	tx    *txn
 	run   dataRun
 	zeros []byte
+
+	// bugs are deliberate bugs for harness self-tests; never set outside
+	// tests (the zero value is the correct writer).
+	bugs writerBugs
 }
+
+// writerBugs selects deliberate bugs, so that the crash tests can show that
+// they catch broken writers (see crash_broken_test.go). Never set outside
+// tests.
+type writerBugs uint8
+
+const (
+	bugNoDataBarrier    writerBugs = 1 << iota // drop the stage-1 barrier: pointers may reach the disk before data
+	bugNoRefcountUpdate                        // never write refcount increments to existing blocks
+	bugRollbackKeepsMem                        // rollback forgets to restore the in-memory tables
+)
 
 // dirtyTable is an L2 table changed since the last flush.
 type dirtyTable struct {
@@ -354,9 +370,16 @@ func (w *writer) usable() error {
 	return nil
 }
 
-// pwrite writes b at off in the image file.
+// pwrite writes b at off in the image file. A write that extends the file
+// is padded with zeros to a sector boundary: a file that ended inside a
+// sector would let a later in-place write of that sector tear in a crash
+// (its bytes before the old end survive, the size change does not).
 func (w *writer) pwrite(b []byte, off int64) error {
 	end := off + int64(len(b))
+	if pad := -end & 511; pad != 0 && end > w.fileSize {
+		b = append(slices.Clip(b), make([]byte, pad)...)
+		end += pad
+	}
 	if w.tx != nil && end > w.tx.fileSize {
 		w.tx.grew = true
 	}
@@ -475,9 +498,13 @@ func (w *writer) relieve() error {
 
 // rollback undoes the transaction tx after cause made it fail.
 func (w *writer) rollback(tx *txn, cause error) {
-	for i := len(tx.undo) - 1; i >= 0; i-- {
+	for i := len(tx.undo) - 1; i >= 0 && w.bugs&bugRollbackKeepsMem == 0; i-- {
 		tx.undo[i]()
 	}
+	// The failed call may have written guest data in place (all of it, or
+	// a torn or short part) that no barrier covered: the next Flush must
+	// issue one, so that what reads see then is what a crash keeps.
+	w.unsynced = true
 	var rerr error
 	// Pointers first, then the refcount table, then refcounts: at every
 	// instant nothing on disk points at a cluster with refcount 0.
@@ -496,11 +523,17 @@ func (w *writer) rollback(tx *txn, cause error) {
 		}
 	}
 	if rerr == nil && tx.grew {
-		if rerr = w.f.Truncate(tx.fileSize); rerr == nil {
+		// Cut back to the end of the clusters the image had before the
+		// write, not to the old file size: the last of them may end past
+		// the old size (only the guest's bytes of a fresh cluster are
+		// written) and have been written in place by this call, and a cut
+		// inside it would tear a sector (new bytes, then zeros).
+		size := max(tx.end, tx.fileSize)
+		if rerr = w.f.Truncate(size); rerr == nil {
 			rerr = w.f.Datasync()
 		}
 		if rerr == nil {
-			w.fileSize = tx.fileSize
+			w.fileSize = size
 		}
 	}
 	if rerr != nil && w.failed == nil {
@@ -551,7 +584,7 @@ func (w *writer) writeStages() error {
 			switch {
 			case b.isNew:
 				news = append(news, newPiece{off, b.b})
-			case b.hi > 0:
+			case b.hi > 0 && w.bugs&bugNoRefcountUpdate == 0:
 				lo, hi := b.lo, b.hi
 				if err := w.pwriteMeta(1, off+int64(lo), func() []byte { return slices.Clone(b.b[lo:hi]) }); err != nil {
 					return err
@@ -572,7 +605,7 @@ func (w *writer) writeStages() error {
 		}
 		wrote = true
 	}
-	if wrote {
+	if wrote && w.bugs&bugNoDataBarrier == 0 {
 		if err := w.sync(); err != nil {
 			return err
 		}

@@ -575,7 +575,6 @@ func TestOpenWritableRefuses(t *testing.T) {
 		want  string
 	}{
 		{"corrupt", func(t *testing.T, mem vfs.FS) { wtPatch(t, mem, "img", 72, be64(IncompatCorrupt)) }, "corrupt bit"},
-		{"dirty", func(t *testing.T, mem vfs.FS) { wtPatch(t, mem, "img", 72, be64(IncompatDirty)) }, "dirty bit"},
 		{"extended L2", func(t *testing.T, mem vfs.FS) { wtPatch(t, mem, "img", 72, be64(IncompatExtendedL2)) }, "read-only: extended L2 writing unsupported"},
 		{"bitmaps", func(t *testing.T, mem vfs.FS) { wtPatch(t, mem, "img", 88, be64(AutoclearBitmaps)) }, "bitmaps"},
 	}
