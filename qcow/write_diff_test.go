@@ -20,6 +20,7 @@ type wtDiffCase struct {
 	version  int    // 2 or 3 for QCOW2
 	cs       int64
 	backing  bool
+	chain    bool // the backing file is itself a qcow2 over a raw file
 	compress bool // start from a qemu-compressed image
 	snapshot bool // with an internal snapshot taken by qemu
 	through  bool // our writer in write-through mode
@@ -29,6 +30,9 @@ func (c wtDiffCase) String() string {
 	s := fmt.Sprintf("%s-v%d-%d", c.format, c.version, c.cs)
 	if c.backing {
 		s += "-backing"
+	}
+	if c.chain {
+		s += "-chain"
 	}
 	if c.compress {
 		s += "-compressed"
@@ -68,6 +72,8 @@ func wtDiffCases() []wtDiffCase {
 				}
 				c := wtDiffCase{format: f.format, version: f.version, cs: size, backing: backing, through: i%3 == 1}
 				if f.format == FormatQCOW2 {
+					// raw <- qcow2 <- image chains at 4k and 64k clusters.
+					c.chain = backing && (size == 4096 || size == 65536)
 					c.compress = i%2 == 0
 					c.snapshot = i%4 < 2
 				}
@@ -143,6 +149,23 @@ func wtBuildStart(t *testing.T, c wtDiffCase, dir, path string, size int64, seed
 			t.Fatal(err)
 		}
 		bopt = []string{"-b", "base.raw", "-F", "raw"}
+		if c.chain {
+			// A middle qcow2 layer with data of its own and zero clusters.
+			mid := filepath.Join(dir, "mid.qcow2")
+			qemutest.Img(t, "create", "-q", "-f", "qcow2", "-o", fmt.Sprintf("compat=%s,cluster_size=%d", map[int]string{2: "0.10", 3: "1.1"}[c.version], c.cs),
+				"-b", "base.raw", "-F", "raw", mid, strconv.FormatInt(size, 10))
+			var mcmds []string
+			for range 8 {
+				off, n := wtRandWrite(r, size, c.cs)
+				if c.version == 3 && r.IntN(3) == 0 {
+					mcmds = append(mcmds, fmt.Sprintf("write -z %d %d", off, n))
+				} else {
+					mcmds = append(mcmds, fmt.Sprintf("write -P %#x %d %d", 1+r.IntN(250), off, n))
+				}
+			}
+			qemutest.Script(t, "qcow2", mid, mcmds...)
+			bopt = []string{"-b", "mid.qcow2", "-F", "qcow2"}
+		}
 	}
 	fmtName := string(c.format)
 	tmp := path
@@ -178,7 +201,7 @@ func wtBuildStart(t *testing.T, c wtDiffCase, dir, path string, size int64, seed
 		args := []string{"convert", "-c", "-f", "qcow2", "-O", "qcow2", "-o", opts}
 		if c.backing {
 			// Keep the backing file: convert only this layer.
-			args = append(args, "-B", "base.raw", "-F", "raw")
+			args = append(args, "-B", bopt[1], "-F", bopt[3])
 		}
 		// qemu-img resolves the backing name relative to the output.
 		qemutest.Img(t, append(args, tmp, path)...)
