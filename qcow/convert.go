@@ -77,7 +77,7 @@ func copyData(dst vfs.File, src *Image, off, n int64, buf []byte) error {
 			}
 			return fmt.Errorf("qcow: convert: read %d bytes at %d: %w", len(p), off, err)
 		}
-		if err := writeNonZero(dst, p, off); err != nil {
+		if err := WriteNonZeroAt(dst, p, off, SparseBlock); err != nil {
 			return err
 		}
 		off += int64(len(p))
@@ -85,25 +85,31 @@ func copyData(dst vfs.File, src *Image, off, n int64, buf []byte) error {
 	return nil
 }
 
-// writeNonZero writes p at off, leaving out every block of zeros that lies
-// between SparseBlock boundaries of the virtual disk.
-func writeNonZero(dst vfs.File, p []byte, off int64) error {
+// WriteNonZeroAt writes p at off to w, leaving out every run of zeros that
+// fills whole blocks of block bytes (aligned to offset 0 of w's space, so a
+// partial block at either end is written unless it is all zeros too) and
+// merging the rest into as few writes as possible. It is how sparse output
+// is made: what it leaves out must already read as zeros in w.
+func WriteNonZeroAt(w io.WriterAt, p []byte, off, block int64) error {
 	start := -1 // start in p of the pending run of non-zero blocks
 	flush := func(end int) error {
 		if start < 0 {
 			return nil
 		}
-		if _, err := dst.WriteAt(p[start:end], off+int64(start)); err != nil {
-			return fmt.Errorf("qcow: convert: write %d bytes at %d: %w", end-start, off+int64(start), err)
+		if _, err := w.WriteAt(p[start:end], off+int64(start)); err != nil {
+			return fmt.Errorf("qcow: write %d bytes at %d: %w", end-start, off+int64(start), err)
 		}
 		start = -1
 		return nil
 	}
+	zero := zeroBlock[:]
+	if block > int64(len(zero)) {
+		zero = make([]byte, block)
+	}
 	for i := 0; i < len(p); {
-		// The block ends at the next SparseBlock boundary of the disk.
-		j := i + SparseBlock - int((off+int64(i))%SparseBlock)
-		j = min(j, len(p))
-		if bytes.Equal(p[i:j], zeroBlock[:j-i]) {
+		// The block ends at the next block boundary.
+		j := min(i+int(block-(off+int64(i))%block), len(p))
+		if bytes.Equal(p[i:j], zero[:j-i]) {
 			if err := flush(i); err != nil {
 				return err
 			}

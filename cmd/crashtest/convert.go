@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"errors"
 	"flag"
 	"fmt"
@@ -225,43 +224,13 @@ func copyImage(dst, src *qcow.Image) error {
 				}
 				return fmt.Errorf("read %d bytes at %d: %w", len(p), off, err)
 			}
-			if err := writeNonZeroAt(dst, p, off, block); err != nil {
+			if err := qcow.WriteNonZeroAt(dst, p, off, block); err != nil {
 				return err
 			}
 			off += k
 		}
 	}
 	return nil
-}
-
-// writeNonZeroAt writes p at off to w, leaving out every run of zeros that
-// fills whole blocks of block bytes (aligned to the virtual disk) and
-// merging the rest into as few writes as possible.
-func writeNonZeroAt(w io.WriterAt, p []byte, off, block int64) error {
-	start := -1 // start in p of the pending run of non-zero blocks
-	flush := func(end int) error {
-		if start < 0 {
-			return nil
-		}
-		if _, err := w.WriteAt(p[start:end], off+int64(start)); err != nil {
-			return fmt.Errorf("write %d bytes at %d: %w", end-start, off+int64(start), err)
-		}
-		start = -1
-		return nil
-	}
-	zero := make([]byte, block)
-	for i := 0; i < len(p); {
-		j := min(i+int(block-(off+int64(i))%block), len(p))
-		if bytes.Equal(p[i:j], zero[:j-i]) {
-			if err := flush(i); err != nil {
-				return err
-			}
-		} else if start < 0 {
-			start = i
-		}
-		i = j
-	}
-	return flush(len(p))
 }
 
 // notInChain refuses a destination that is the source image or one of its
