@@ -12,6 +12,7 @@ package qcow
 import (
 	"bytes"
 	"errors"
+	"flag"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -29,12 +30,23 @@ import (
 var crashStates atomic.Int64
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if lightTests() {
+		// Fewer rapid cases per configuration unless asked for more.
+		if f := flag.Lookup("rapid.checks"); f != nil && f.Value.String() == f.DefValue {
+			f.Value.Set("20")
+		}
+	}
 	code := m.Run()
 	if n := crashStates.Load(); n > 0 {
 		fmt.Printf("qcow: crash states checked: %d\n", n)
 	}
 	os.Exit(code)
 }
+
+// lightTests reports whether the heaviest tests should run their reduced
+// amount: under -short, and under the race detector.
+func lightTests() bool { return testing.Short() || raceEnabled }
 
 // crashLimitEnv names the environment variable that overrides the bound on
 // the states visited per crash point by the exhaustive tests (default
@@ -50,7 +62,7 @@ func crashLimit(t testing.TB) int {
 		}
 		return n
 	}
-	if testing.Short() {
+	if lightTests() {
 		return 64
 	}
 	return faultfs.DefaultLimit

@@ -92,7 +92,7 @@ func wtDiffCases() []wtDiffCase {
 // prints the seed; QEMUTEST_SEED=<root> replays it.
 //
 // Each configuration runs wtDiffScripts() scripts (10 by default, so 220 in
-// all; 1 under -short; QCOWCRASH_DIFF_SCRIPTS=N for more).
+// all; 1 under -short or -race; QCOWCRASH_DIFF_SCRIPTS=N for more).
 func TestDiffQemuIO(t *testing.T) {
 	qemutest.Require(t)
 	n := wtDiffScripts()
@@ -120,7 +120,7 @@ func wtDiffScripts() int {
 	if v, err := strconv.Atoi(os.Getenv("QCOWCRASH_DIFF_SCRIPTS")); err == nil && v > 0 {
 		return v
 	}
-	if testing.Short() {
+	if lightTests() {
 		return 1
 	}
 	return 10
