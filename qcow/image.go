@@ -280,11 +280,7 @@ func (im *Image) openV2() error {
 	if err != nil {
 		return err
 	}
-	im.h = h
-	im.clusterBits = h.clusterBits
-	im.clusterSize = 1 << h.clusterBits
-	im.l2Entries = 1 << h.l2Bits
-	im.extL2 = h.incompat&IncompatExtendedL2 != 0
+	im.setQCOW2Header(h)
 	if h.dataFile != "" {
 		if err := checkFileName("data_file", h.dataFile); err != nil {
 			return err
@@ -300,6 +296,16 @@ func (im *Image) openV2() error {
 		}
 	}
 	return im.loadL1()
+}
+
+// setQCOW2Header installs a validated QCOW2 header and the geometry derived
+// from it.
+func (im *Image) setQCOW2Header(h *header) {
+	im.h = h
+	im.clusterBits = h.clusterBits
+	im.clusterSize = 1 << h.clusterBits
+	im.l2Entries = 1 << h.l2Bits
+	im.extL2 = h.incompat&IncompatExtendedL2 != 0
 }
 
 // loadL1 reads the active L1 table, already bounded by MaxL1Bytes and the

@@ -48,23 +48,6 @@ func TestInteropRead(t *testing.T) {
 	}
 }
 
-// qemuCreate runs `qemu-img create -f format [-o opts] path [size] extra...`;
-// size 0 takes the backing file's size.
-func qemuCreate(t *testing.T, path, format, opts string, size int64, extra ...string) string {
-	t.Helper()
-	args := []string{"create", "-q", "-f", format}
-	if opts != "" {
-		args = append(args, "-o", opts)
-	}
-	args = append(args, extra...)
-	args = append(args, path)
-	if size > 0 {
-		args = append(args, fmt.Sprint(size))
-	}
-	qemutest.Img(t, args...)
-	return path
-}
-
 // qemuConvert runs `qemu-img convert [-c] -O format [-o opts] src dst`.
 func qemuConvert(t *testing.T, src, dst, format, opts string, compress bool) string {
 	t.Helper()
@@ -154,14 +137,14 @@ func interopCases() []interopCase {
 				size = 24 * iMiB
 			}
 			add(fmt.Sprintf("%s/cluster-%d", v.name, cs), func(t *testing.T, dir string) string {
-				img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", fmt.Sprintf("%s,cluster_size=%d", v.opts, cs), size)
+				img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", fmt.Sprintf("%s,cluster_size=%d", v.opts, cs), size)
 				qemuIO(t, "qcow2", img, qemutest.Pattern(cs, size, 0)...)
 				return img
 			})
 		}
 	}
 	add("v1/patterns", func(t *testing.T, dir string) string {
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow"), "qcow", "", 4*iMiB)
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow"), "qcow", "", 4*iMiB)
 		qemuIO(t, "qcow", img, qemutest.Pattern(4*iKiB, 4*iMiB, 0)...)
 		return img
 	})
@@ -227,14 +210,14 @@ func interopCases() []interopCase {
 			if c.cs == 2*iMiB {
 				size = 40 * iMiB
 			}
-			img := qemuCreate(t, filepath.Join(dir, "img"), c.format, c.opts, size)
+			img := qemutest.Create(t, filepath.Join(dir, "img"), c.format, c.opts, size)
 			qemuIO(t, c.format, img, interopCompressedWrites(c.cs, size)...)
 			interopHasCompressed(t, img)
 			return img
 		})
 	}
 	add("compressed-write/v1", func(t *testing.T, dir string) string {
-		img := qemuCreate(t, filepath.Join(dir, "img"), "qcow", "", 4*iMiB)
+		img := qemutest.Create(t, filepath.Join(dir, "img"), "qcow", "", 4*iMiB)
 		qemuIO(t, "qcow", img, interopCompressedWrites(4*iKiB, 4*iMiB)...)
 		interopHasCompressed(t, img)
 		return img
@@ -250,7 +233,7 @@ func interopCases() []interopCase {
 
 	// Zero clusters and discard in v3, with and without a backing file.
 	add("zero/v3-plain-and-allocated", func(t *testing.T, dir string) string {
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "compat=1.1", 4*iMiB)
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "compat=1.1", 4*iMiB)
 		qemuIO(t, "qcow2", img,
 			"write -P 0x61 0 256k", "write -z 0 64k", // zero-allocated
 			"write -z -u 64k 64k",                    // zero-plain from data
@@ -265,13 +248,13 @@ func interopCases() []interopCase {
 	add("zero/v3-over-backing", func(t *testing.T, dir string) string {
 		base := interopRaw(t, filepath.Join(dir, "base.raw"), 4*iMiB)
 		qemuConvert(t, base, filepath.Join(dir, "base.qcow2"), "qcow2", "", false)
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "compat=1.1", 0, "-b", "base.qcow2", "-F", "qcow2")
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "compat=1.1", 0, "-b", "base.qcow2", "-F", "qcow2")
 		qemuIO(t, "qcow2", img, "write -z 0 128k", "write -P 0x71 1M 64k", "write -z 1M 64k", "discard 2M 64k", "write -z -u 3M 64k")
 		return img
 	})
 	add("zero/v2-over-backing", func(t *testing.T, dir string) string {
 		interopRaw(t, filepath.Join(dir, "base.raw"), 4*iMiB)
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "compat=0.10", 0, "-b", "base.raw", "-F", "raw")
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "compat=0.10", 0, "-b", "base.raw", "-F", "raw")
 		qemuIO(t, "qcow2", img, "write -z 0 128k", "write -P 0x71 1M 64k", "write -z 1M 64k", "discard 1M 64k", "discard 2M 64k")
 		return img
 	})
@@ -280,16 +263,16 @@ func interopCases() []interopCase {
 	add("backing/raw-qcow2-qcow2", func(t *testing.T, dir string) string {
 		size := 4 * iMiB
 		interopRaw(t, filepath.Join(dir, "base.raw"), size)
-		mid := qemuCreate(t, filepath.Join(dir, "mid.qcow2"), "qcow2", "compat=0.10", 0, "-b", "base.raw", "-F", "raw")
+		mid := qemutest.Create(t, filepath.Join(dir, "mid.qcow2"), "qcow2", "compat=0.10", 0, "-b", "base.raw", "-F", "raw")
 		qemuIO(t, "qcow2", mid, qemutest.Pattern(64*iKiB, size, 1)...)
-		top := qemuCreate(t, filepath.Join(dir, "top.qcow2"), "qcow2", "cluster_size=4096", 0, "-b", "mid.qcow2", "-F", "qcow2")
+		top := qemutest.Create(t, filepath.Join(dir, "top.qcow2"), "qcow2", "cluster_size=4096", 0, "-b", "mid.qcow2", "-F", "qcow2")
 		qemuIO(t, "qcow2", top, qemutest.Pattern(4*iKiB, size, 2)...)
 		return top
 	})
 	add("backing/raw-qcow", func(t *testing.T, dir string) string {
 		size := 4 * iMiB
 		interopRaw(t, filepath.Join(dir, "base.raw"), size)
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow"), "qcow", "", 0, "-b", "base.raw", "-F", "raw")
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow"), "qcow", "", 0, "-b", "base.raw", "-F", "raw")
 		qemuIO(t, "qcow", img, qemutest.Pattern(4*iKiB, size, 1)...)
 		return img
 	})
@@ -298,9 +281,9 @@ func interopCases() []interopCase {
 		src := interopRaw(t, filepath.Join(dir, "src.raw"), size)
 		base := qemuConvert(t, src, filepath.Join(dir, "base.qcow"), "qcow", "", false)
 		qemuIO(t, "qcow", base, qemutest.Pattern(4*iKiB, size, 0)...)
-		mid := qemuCreate(t, filepath.Join(dir, "mid.qcow2"), "qcow2", "cluster_size=512", 0, "-b", "base.qcow", "-F", "qcow")
+		mid := qemutest.Create(t, filepath.Join(dir, "mid.qcow2"), "qcow2", "cluster_size=512", 0, "-b", "base.qcow", "-F", "qcow")
 		qemuIO(t, "qcow2", mid, qemutest.Pattern(512, size, 1)...)
-		top := qemuCreate(t, filepath.Join(dir, "top.qcow"), "qcow", "", 0, "-b", "mid.qcow2", "-F", "qcow2")
+		top := qemutest.Create(t, filepath.Join(dir, "top.qcow"), "qcow", "", 0, "-b", "mid.qcow2", "-F", "qcow2")
 		qemuIO(t, "qcow", top, qemutest.Pattern(4*iKiB, size, 2)...)
 		return top
 	})
@@ -312,14 +295,14 @@ func interopCases() []interopCase {
 		}
 		src := interopRaw(t, filepath.Join(dir, "src.raw"), 3*iMiB)
 		qemuConvert(t, src, filepath.Join(dir, "base", "base.qcow2"), "qcow2", "", false)
-		img := qemuCreate(t, filepath.Join(dir, "over", "over.qcow2"), "qcow2", "", 0, "-b", "../base/base.qcow2", "-F", "qcow2")
+		img := qemutest.Create(t, filepath.Join(dir, "over", "over.qcow2"), "qcow2", "", 0, "-b", "../base/base.qcow2", "-F", "qcow2")
 		qemuIO(t, "qcow2", img, qemutest.Pattern(64*iKiB, 3*iMiB, 1)...)
 		return img
 	})
 	add("backing/absolute-no-format", func(t *testing.T, dir string) string {
 		src := interopRaw(t, filepath.Join(dir, "src.raw"), 3*iMiB)
 		base := qemuConvert(t, src, filepath.Join(dir, "base.qcow2"), "qcow2", "", false)
-		img := qemuCreate(t, filepath.Join(dir, "over.qcow2"), "qcow2", "", 0, "-b", base, "-F", "qcow2")
+		img := qemutest.Create(t, filepath.Join(dir, "over.qcow2"), "qcow2", "", 0, "-b", base, "-F", "qcow2")
 		// Drop the backing format extension: the reader must probe.
 		interopDropBackingFormat(t, img)
 		if f := qemutest.Info(t, img).BackingFormat; f != "" {
@@ -330,14 +313,14 @@ func interopCases() []interopCase {
 	})
 	add("backing/smaller-raw-odd-size", func(t *testing.T, dir string) string {
 		interopRaw(t, filepath.Join(dir, "base.raw"), 1000005)
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "", 3*iMiB, "-b", "base.raw", "-F", "raw")
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "", 3*iMiB, "-b", "base.raw", "-F", "raw")
 		qemuIO(t, "qcow2", img, "write -P 0x21 960k 64k", "write -P 0x22 2M 100")
 		return img
 	})
 	add("backing/smaller-qcow2", func(t *testing.T, dir string) string {
 		src := interopRaw(t, filepath.Join(dir, "src.raw"), iMiB+512)
 		qemuConvert(t, src, filepath.Join(dir, "base.qcow2"), "qcow2", "cluster_size=4096", false)
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "extended_l2=on", 4*iMiB, "-b", "base.qcow2", "-F", "qcow2")
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "extended_l2=on", 4*iMiB, "-b", "base.qcow2", "-F", "qcow2")
 		qemuIO(t, "qcow2", img, interopSubclusterWrites(64*iKiB, 4*iMiB)...)
 		return img
 	})
@@ -358,7 +341,7 @@ func interopCases() []interopCase {
 		})
 	}
 	add("snapshots/applied", func(t *testing.T, dir string) string {
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "", 4*iMiB)
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "", 4*iMiB)
 		qemuIO(t, "qcow2", img, qemutest.Pattern(64*iKiB, 4*iMiB, 0)...)
 		qemutest.Img(t, "snapshot", "-c", "s1", img)
 		qemuIO(t, "qcow2", img, qemutest.Pattern(64*iKiB, 4*iMiB, 3)...)
@@ -370,13 +353,13 @@ func interopCases() []interopCase {
 	// Preallocation.
 	for _, p := range []string{"metadata", "falloc", "full"} {
 		add("prealloc/"+p, func(t *testing.T, dir string) string {
-			img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "cluster_size=4096,preallocation="+p, 4*iMiB)
+			img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "cluster_size=4096,preallocation="+p, 4*iMiB)
 			qemuIO(t, "qcow2", img, qemutest.Pattern(4*iKiB, 4*iMiB, 0)...)
 			return img
 		})
 	}
 	add("prealloc/metadata-v2", func(t *testing.T, dir string) string {
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "compat=0.10,preallocation=metadata", 4*iMiB)
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "compat=0.10,preallocation=metadata", 4*iMiB)
 		qemuIO(t, "qcow2", img, qemutest.Pattern(64*iKiB, 4*iMiB, 1)...)
 		return img
 	})
@@ -388,7 +371,7 @@ func interopCases() []interopCase {
 			size = 16 * iMiB
 		}
 		add(fmt.Sprintf("extl2/cluster-%d", cs), func(t *testing.T, dir string) string {
-			img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", fmt.Sprintf("extended_l2=on,cluster_size=%d", cs), size)
+			img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", fmt.Sprintf("extended_l2=on,cluster_size=%d", cs), size)
 			qemuIO(t, "qcow2", img, interopSubclusterWrites(cs, size)...)
 			qemuIO(t, "qcow2", img, qemutest.Pattern(cs, size, 1)...)
 			return img
@@ -396,7 +379,7 @@ func interopCases() []interopCase {
 		add(fmt.Sprintf("extl2/cluster-%d-backing", cs), func(t *testing.T, dir string) string {
 			src := interopRaw(t, filepath.Join(dir, "src.raw"), size)
 			qemuConvert(t, src, filepath.Join(dir, "base.qcow2"), "qcow2", "", false)
-			img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", fmt.Sprintf("extended_l2=on,cluster_size=%d", cs), 0, "-b", "base.qcow2", "-F", "qcow2")
+			img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", fmt.Sprintf("extended_l2=on,cluster_size=%d", cs), 0, "-b", "base.qcow2", "-F", "qcow2")
 			qemuIO(t, "qcow2", img, interopSubclusterWrites(cs, size)...)
 			return img
 		})
@@ -405,7 +388,7 @@ func interopCases() []interopCase {
 	// Refcount widths.
 	for _, bits := range []int{1, 2, 4, 8, 16, 32, 64} {
 		add(fmt.Sprintf("refcount-bits/%d", bits), func(t *testing.T, dir string) string {
-			img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", fmt.Sprintf("refcount_bits=%d,cluster_size=4096", bits), 4*iMiB)
+			img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", fmt.Sprintf("refcount_bits=%d,cluster_size=4096", bits), 4*iMiB)
 			qemuIO(t, "qcow2", img, qemutest.Pattern(4*iKiB, 4*iMiB, 0)...)
 			if bits > 1 {
 				qemutest.Img(t, "snapshot", "-c", "s1", img) // refcounts of 2
@@ -417,12 +400,12 @@ func interopCases() []interopCase {
 
 	// Lazy refcounts, clean and dirty.
 	add("lazy-refcounts/clean", func(t *testing.T, dir string) string {
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "lazy_refcounts=on", 4*iMiB)
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "lazy_refcounts=on", 4*iMiB)
 		qemuIO(t, "qcow2", img, qemutest.Pattern(64*iKiB, 4*iMiB, 0)...)
 		return img
 	})
 	add("lazy-refcounts/dirty", func(t *testing.T, dir string) string {
-		img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "lazy_refcounts=on,cluster_size=4096", 4*iMiB)
+		img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "lazy_refcounts=on,cluster_size=4096", 4*iMiB)
 		cmds := append(qemutest.Pattern(4*iKiB, 4*iMiB, 0), "flush")
 		cmds = append(cmds, qemutest.Pattern(4*iKiB, 4*iMiB, 1)...)
 		cmds = append(cmds, "sigraise 9")
@@ -448,7 +431,7 @@ func interopCases() []interopCase {
 		{"v3-extl2", "qcow2", "extended_l2=on"},
 	} {
 		add("odd-size/"+f.name, func(t *testing.T, dir string) string {
-			img := qemuCreate(t, filepath.Join(dir, "img"), f.format, f.opts, 1000005)
+			img := qemutest.Create(t, filepath.Join(dir, "img"), f.format, f.opts, 1000005)
 			size := qemutest.Info(t, img).VirtualSize
 			cs := qemutest.Info(t, img).ClusterSize
 			qemuIO(t, f.format, img, qemutest.Pattern(cs, size, 0)...)
@@ -465,7 +448,7 @@ func interopCases() []interopCase {
 		add("data-file/raw-"+raw, func(t *testing.T, dir string) string {
 			// qemu-img creates a relative data file name relative to its
 			// working directory: give it an absolute one.
-			img := qemuCreate(t, filepath.Join(dir, "img.qcow2"), "qcow2", "data_file="+filepath.Join(dir, "img.data")+",data_file_raw="+raw, 4*iMiB)
+			img := qemutest.Create(t, filepath.Join(dir, "img.qcow2"), "qcow2", "data_file="+filepath.Join(dir, "img.data")+",data_file_raw="+raw, 4*iMiB)
 			qemuIO(t, "qcow2", img, qemutest.Pattern(64*iKiB, 4*iMiB, 0)...)
 			return img
 		})
@@ -484,7 +467,7 @@ func interopCases() []interopCase {
 			size = 8 * iGiB
 		}
 		add(fmt.Sprintf("sparse-%dG/%s", size/iGiB, f.name), func(t *testing.T, dir string) string {
-			img := qemuCreate(t, filepath.Join(dir, "img"), f.format, f.opts, size)
+			img := qemutest.Create(t, filepath.Join(dir, "img"), f.format, f.opts, size)
 			cs := qemutest.Info(t, img).ClusterSize
 			cmds := append(qemutest.Pattern(cs, 16*iMiB, 0), qemutest.Pattern(cs, size, 1)...)
 			for _, off := range []int64{512*iMiB - 3000, iGiB + 4095, size/2 - 10, size*3/4 + 64*iKiB} {

@@ -111,11 +111,7 @@ func (im *Image) openForCheck() error {
 	if err != nil {
 		return err
 	}
-	im.h = h
-	im.clusterBits = h.clusterBits
-	im.clusterSize = 1 << h.clusterBits
-	im.l2Entries = 1 << h.l2Bits
-	im.extL2 = h.incompat&IncompatExtendedL2 != 0
+	im.setQCOW2Header(h)
 	return nil
 }
 

@@ -36,21 +36,6 @@ type interopImage struct {
 	build func(t *testing.T, dir string) string
 }
 
-func interopCreate(t *testing.T, path, format, opts string, size int64, extra ...string) string {
-	t.Helper()
-	args := []string{"create", "-q", "-f", format}
-	if opts != "" {
-		args = append(args, "-o", opts)
-	}
-	args = append(args, extra...)
-	args = append(args, path)
-	if size > 0 {
-		args = append(args, fmt.Sprint(size))
-	}
-	qemutest.Img(t, args...)
-	return path
-}
-
 func interopRandom(t *testing.T, path string, size int64) string {
 	t.Helper()
 	qemutest.WriteRandomRaw(t, path, size, qemutest.Seed(t, t.Name()))
@@ -62,7 +47,7 @@ func interopRandom(t *testing.T, path string, size int64) string {
 func interopImages() []interopImage {
 	empty := func(format, opts string, cs, size int64) func(*testing.T, string) string {
 		return func(t *testing.T, dir string) string {
-			img := interopCreate(t, filepath.Join(dir, "img"), format, opts, size)
+			img := qemutest.Create(t, filepath.Join(dir, "img"), format, opts, size)
 			qemutest.Script(t, format, img, qemutest.Pattern(cs, size, 0)...)
 			return img
 		}
@@ -87,13 +72,13 @@ func interopImages() []interopImage {
 		{"v1", empty("qcow", "", 4*interopKiB, 4*interopMiB)},
 		{"v1-odd-size", empty("qcow", "", 4*interopKiB, 1000448)},
 		{"v1-compressed", func(t *testing.T, dir string) string {
-			img := interopCreate(t, filepath.Join(dir, "img"), "qcow", "", 2*interopMiB)
+			img := qemutest.Create(t, filepath.Join(dir, "img"), "qcow", "", 2*interopMiB)
 			qemutest.Script(t, "qcow", img, "write -c -P 0x41 64k 4k", "write -c -P 0x42 128k 4k", "write -P 0x43 130k 1k")
 			return img
 		}},
 		{"v1-backing-raw", func(t *testing.T, dir string) string {
 			interopRandom(t, filepath.Join(dir, "base.raw"), 3*interopMiB)
-			img := interopCreate(t, filepath.Join(dir, "img"), "qcow", "", 0, "-b", "base.raw", "-F", "raw")
+			img := qemutest.Create(t, filepath.Join(dir, "img"), "qcow", "", 0, "-b", "base.raw", "-F", "raw")
 			qemutest.Script(t, "qcow", img, qemutest.Pattern(4*interopKiB, 3*interopMiB, 1)...)
 			return img
 		}},
@@ -107,22 +92,22 @@ func interopImages() []interopImage {
 			return img
 		}},
 		{"v3-zstd-write-c", func(t *testing.T, dir string) string {
-			img := interopCreate(t, filepath.Join(dir, "img"), "qcow2", "compression_type=zstd", 2*interopMiB)
+			img := qemutest.Create(t, filepath.Join(dir, "img"), "qcow2", "compression_type=zstd", 2*interopMiB)
 			qemutest.Script(t, "qcow2", img, "write -c -P 0x61 0 64k", "write -c -P 0x62 128k 64k", "write -P 0x63 130k 1k")
 			return img
 		}},
 		{"v3-odd-size-extl2", empty("qcow2", "extended_l2=on", 64*interopKiB, 1000448)},
 		{"v3-extl2-backing", func(t *testing.T, dir string) string {
 			interopRandom(t, filepath.Join(dir, "base.raw"), 4*interopMiB)
-			img := interopCreate(t, filepath.Join(dir, "img"), "qcow2", "extended_l2=on", 0, "-b", "base.raw", "-F", "raw")
+			img := qemutest.Create(t, filepath.Join(dir, "img"), "qcow2", "extended_l2=on", 0, "-b", "base.raw", "-F", "raw")
 			qemutest.Script(t, "qcow2", img, "write -P 0xb1 3000 1000", "write -z 8k 2k", "write -P 0xb2 70k 5000", "discard 1M 64k")
 			return img
 		}},
 		{"chain-raw-qcow2-qcow2", func(t *testing.T, dir string) string {
 			interopRandom(t, filepath.Join(dir, "base.raw"), 4*interopMiB)
-			mid := interopCreate(t, filepath.Join(dir, "mid.qcow2"), "qcow2", "compat=0.10", 0, "-b", "base.raw", "-F", "raw")
+			mid := qemutest.Create(t, filepath.Join(dir, "mid.qcow2"), "qcow2", "compat=0.10", 0, "-b", "base.raw", "-F", "raw")
 			qemutest.Script(t, "qcow2", mid, qemutest.Pattern(64*interopKiB, 4*interopMiB, 1)...)
-			top := interopCreate(t, filepath.Join(dir, "top.qcow2"), "qcow2", "cluster_size=4096", 0, "-b", "mid.qcow2", "-F", "qcow2")
+			top := qemutest.Create(t, filepath.Join(dir, "top.qcow2"), "qcow2", "cluster_size=4096", 0, "-b", "mid.qcow2", "-F", "qcow2")
 			qemutest.Script(t, "qcow2", top, qemutest.Pattern(4*interopKiB, 4*interopMiB, 2)...)
 			return top
 		}},
@@ -139,7 +124,7 @@ func interopImages() []interopImage {
 		{"refcount-bits-1", empty("qcow2", "refcount_bits=1,cluster_size=4096", 4*interopKiB, 4*interopMiB)},
 		{"refcount-bits-64", empty("qcow2", "refcount_bits=64,cluster_size=4096", 4*interopKiB, 4*interopMiB)},
 		{"lazy-refcounts-dirty", func(t *testing.T, dir string) string {
-			img := interopCreate(t, filepath.Join(dir, "img"), "qcow2", "lazy_refcounts=on,cluster_size=4096", 4*interopMiB)
+			img := qemutest.Create(t, filepath.Join(dir, "img"), "qcow2", "lazy_refcounts=on,cluster_size=4096", 4*interopMiB)
 			args := []string{"-f", "qcow2"}
 			for _, c := range append(qemutest.Pattern(4*interopKiB, 4*interopMiB, 0), "flush", "write -P 0x99 1M 64k", "sigraise 9") {
 				args = append(args, "-c", c)
@@ -153,13 +138,13 @@ func interopImages() []interopImage {
 			return img
 		}},
 		{"data-file", func(t *testing.T, dir string) string {
-			img := interopCreate(t, filepath.Join(dir, "img"), "qcow2", "data_file="+filepath.Join(dir, "img.data"), 4*interopMiB)
+			img := qemutest.Create(t, filepath.Join(dir, "img"), "qcow2", "data_file="+filepath.Join(dir, "img.data"), 4*interopMiB)
 			qemutest.Script(t, "qcow2", img, qemutest.Pattern(64*interopKiB, 4*interopMiB, 0)...)
 			return img
 		}},
 		{"sparse-64G", func(t *testing.T, dir string) string {
 			size := 64 * interopGiB
-			img := interopCreate(t, filepath.Join(dir, "img"), "qcow2", "", size)
+			img := qemutest.Create(t, filepath.Join(dir, "img"), "qcow2", "", size)
 			qemutest.Script(t, "qcow2", img, qemutest.Pattern(64*interopKiB, size, 1)...)
 			return img
 		}},
@@ -478,7 +463,7 @@ func TestInteropCLICheckPoked(t *testing.T) {
 		for _, p := range pokes {
 			t.Run(b.name+"/"+p.name, func(t *testing.T) {
 				t.Parallel()
-				img := interopCreate(t, filepath.Join(t.TempDir(), "img.qcow2"), "qcow2", b.opts, 2*interopMiB)
+				img := qemutest.Create(t, filepath.Join(t.TempDir(), "img.qcow2"), "qcow2", b.opts, 2*interopMiB)
 				qemutest.Script(t, "qcow2", img, "write -P 0x11 0 64k", "write -P 0x22 1M 8k")
 				if code, out := qemutest.Check(t, img); code != 0 {
 					t.Fatalf("qemu-img check of the undamaged image: exit %d\n%s", code, out)

@@ -359,3 +359,20 @@ func WriteRandomRaw(t testing.TB, path string, size int64, seed uint64) {
 		t.Fatalf("qemutest: %v", err)
 	}
 }
+
+// Create runs `qemu-img create -q -f format [-o opts] extra... path [size]`
+// and returns path; size 0 leaves the size to qemu-img (a backing file's).
+func Create(t testing.TB, path, format, opts string, size int64, extra ...string) string {
+	t.Helper()
+	args := []string{"create", "-q", "-f", format}
+	if opts != "" {
+		args = append(args, "-o", opts)
+	}
+	args = append(args, extra...)
+	args = append(args, path)
+	if size > 0 {
+		args = append(args, fmt.Sprint(size))
+	}
+	Img(t, args...)
+	return path
+}
