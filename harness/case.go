@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -201,6 +202,9 @@ func (c Case) Validate() error {
 	}
 	if !validTarget(c.Target) {
 		return bad("target %q (want one of %s)", c.Target, strings.Join(Targets, ", "))
+	}
+	if fs := targets[c.Target].Formats(); !slices.Contains(fs, c.Format) {
+		return bad("format %q for target %q (it writes %s)", c.Format, c.Target, strings.Join(fs, ", "))
 	}
 	return nil
 }

@@ -70,8 +70,9 @@ import (
 var Formats = []string{"v1", "v2", "v3"}
 
 // Targets lists the target names a Case accepts (see the package
-// documentation).
-var Targets = []string{TargetQCOW, TargetNoBarrier}
+// documentation): TargetQCOW and TargetNoBarrier first, then the other
+// registered targets in name order. Read it, do not modify it.
+var Targets []string
 
 // The targets.
 const (
@@ -114,17 +115,31 @@ func CaseSeed(root uint64, k uint64) uint64 {
 // Generate draws a Case from sp, deterministically from seed (which
 // becomes the Case's Seed).
 func Generate(seed uint64, sp Space) Case {
+	target := sp.Target
+	if target == "" {
+		target = TargetQCOW
+	}
 	formats := sp.Formats
 	if len(formats) == 0 {
 		formats = Formats
 	}
+	if t, ok := targets[target]; ok {
+		// Only the formats the target writes; all of them when none is.
+		tf := t.Formats()
+		var both []string
+		for _, f := range formats {
+			if slices.Contains(tf, f) {
+				both = append(both, f)
+			}
+		}
+		if len(both) == 0 {
+			both = tf
+		}
+		formats = both
+	}
 	models := sp.Models
 	if len(models) == 0 {
 		models = DefaultModels()
-	}
-	target := sp.Target
-	if target == "" {
-		target = TargetQCOW
 	}
 	maxOps := sp.MaxOps
 	if maxOps <= 0 {
@@ -156,4 +171,4 @@ func Generate(seed uint64, sp Space) Case {
 func validFormat(f string) bool { return slices.Contains(Formats, f) }
 
 // validTarget reports whether t is one of Targets.
-func validTarget(t string) bool { return slices.Contains(Targets, t) }
+func validTarget(t string) bool { _, ok := targets[t]; return ok }

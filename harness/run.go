@@ -143,11 +143,7 @@ func prepare(c Case) (r *run, ffs *faultfs.FS, f *Failure) {
 		return nil, nil, &Failure{Kind: KindSetup, Point: -1, Op: -1, Sector: -1, Detail: err.Error()}
 	}
 	ffs = faultfs.New(mem)
-	var target vfs.FS = ffs
-	if c.Target == TargetNoBarrier {
-		target = noBarrierFS{ffs}
-	}
-	return r, ffs, r.record(target, ffs)
+	return r, ffs, r.record(targets[c.Target], ffs)
 }
 
 // Trace is a case's recorded workload, for reports.
@@ -221,10 +217,10 @@ func (r *run) setup(mem vfs.FS) error {
 	return mem.SyncDir(".")
 }
 
-// record runs the workload on the image over target, noting where each op
-// begins and ends in ffs's log.
-func (r *run) record(target vfs.FS, ffs *faultfs.FS) *Failure {
-	im, err := qcow.Open(target, imageName, &qcow.Options{ReadWrite: true, WriteThrough: r.c.WriteThrough})
+// record runs the workload on the image through target over ffs, noting
+// where each op begins and ends in ffs's log.
+func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
+	im, err := target.Open(ffs, imageName, r.c.WriteThrough)
 	if err != nil {
 		return &Failure{Kind: KindErrors, Point: -1, Op: -1, Sector: -1, Detail: "open for writing: " + err.Error()}
 	}

@@ -1,0 +1,80 @@
+package harness
+
+import (
+	"fmt"
+	"slices"
+	"sort"
+
+	"github.com/qcowcrash/qcowcrash/qcow"
+	"github.com/qcowcrash/qcowcrash/vfs"
+)
+
+// Writer is an image open for writing, as a target hands it to the
+// workload. Every method has the meaning of the same method of
+// *qcow.Image.
+type Writer interface {
+	WriteAt(p []byte, off int64) (int, error)
+	WriteZeroes(off, n int64) error
+	Flush() error
+	Close() error
+}
+
+// Target is a writer under test. The harness creates the image (and its
+// backing file) with qcow.Create, durably, before the workload starts;
+// the target only opens it and writes. The crash states are judged by
+// this project's reader and checker whatever the target.
+type Target interface {
+	// Name is the target's name in case IDs and on the command line.
+	Name() string
+	// Formats lists the case formats ("v1", "v2", "v3") the target writes.
+	Formats() []string
+	// Open opens the image name of fsys for writing. fsys is the fault
+	// layer; a target must make every file operation through it.
+	Open(fsys vfs.FS, name string, writeThrough bool) (Writer, error)
+}
+
+// targets holds the registered targets by name.
+var targets = map[string]Target{}
+
+// register adds t to the targets and to Targets; it panics on a duplicate
+// name (a programming error caught by every test run).
+func register(t Target) {
+	if _, dup := targets[t.Name()]; dup {
+		panic(fmt.Sprintf("harness: target %q registered twice", t.Name()))
+	}
+	targets[t.Name()] = t
+	Targets = append(Targets, t.Name())
+	if len(Targets) > 2 {
+		sort.Strings(Targets[2:])
+	}
+}
+
+// LookupTarget returns the target named name.
+func LookupTarget(name string) (Target, bool) {
+	t, ok := targets[name]
+	return t, ok
+}
+
+func init() {
+	register(qcowTarget{})
+	register(noBarrierTarget{})
+}
+
+// qcowTarget is TargetQCOW: this project's writer.
+type qcowTarget struct{}
+
+func (qcowTarget) Name() string      { return TargetQCOW }
+func (qcowTarget) Formats() []string { return slices.Clone(Formats) }
+func (qcowTarget) Open(fsys vfs.FS, name string, wt bool) (Writer, error) {
+	return qcow.Open(fsys, name, &qcow.Options{ReadWrite: true, WriteThrough: wt})
+}
+
+// noBarrierTarget is TargetNoBarrier: this project's writer over a layer
+// that drops every sync.
+type noBarrierTarget struct{}
+
+func (noBarrierTarget) Name() string      { return TargetNoBarrier }
+func (noBarrierTarget) Formats() []string { return slices.Clone(Formats) }
+func (noBarrierTarget) Open(fsys vfs.FS, name string, wt bool) (Writer, error) {
+	return qcowTarget{}.Open(noBarrierFS{fsys}, name, wt)
+}
