@@ -170,7 +170,10 @@ func openFile(fsys vfs.FS, name string, f vfs.File, o Options, format Format, de
 	}
 
 	var magic [8]byte
-	if n, _ := f.ReadAt(magic[:], 0); n < 8 {
+	if n, err := f.ReadAt(magic[:], 0); n < 8 {
+		if err != nil && !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("qcow: %s: read the header: %w", name, err)
+		}
 		return nil, formatErr("header", 0, uint64(n), "bytes: file too short for a QCOW header")
 	}
 	if binary.BigEndian.Uint32(magic[:]) != Magic {
@@ -236,9 +239,23 @@ func (im *Image) readFull(p []byte, off int64) error {
 	return fmt.Errorf("qcow: %s: read %d bytes at %d: %w", im.name, len(p), off, err)
 }
 
+// readHead reads up to len(p) bytes at offset 0: a file shorter than p is
+// not an error here (the header parser judges the length), but a failed
+// read is, and its error is wrapped.
+func (im *Image) readHead(p []byte) (int, error) {
+	n, err := im.f.ReadAt(p, 0)
+	if err != nil && n < len(p) && !errors.Is(err, io.EOF) {
+		return n, fmt.Errorf("qcow: %s: read the header: %w", im.name, err)
+	}
+	return n, nil
+}
+
 func (im *Image) openV1() error {
 	buf := make([]byte, v1HeaderLen)
-	n, _ := im.f.ReadAt(buf, 0)
+	n, err := im.readHead(buf)
+	if err != nil {
+		return err
+	}
 	h, err := parseV1Header(buf[:n], im.fileSize)
 	if err != nil {
 		return err
@@ -259,7 +276,10 @@ func (im *Image) openV1() error {
 
 func (im *Image) openV2() error {
 	var hb [v3HeaderLen]byte
-	n, _ := im.f.ReadAt(hb[:], 0)
+	n, err := im.readHead(hb[:])
+	if err != nil {
+		return err
+	}
 	if n < 24 {
 		return formatErr("header", 0, uint64(n), "bytes: file too short for a QCOW2 header")
 	}

@@ -93,7 +93,11 @@ func (im *Image) openForCheck() error {
 	}
 	im.fileSize, im.dataSize = size, size
 	var hb [24]byte
-	if n, _ := im.f.ReadAt(hb[:], 0); n < len(hb) || binary.BigEndian.Uint32(hb[:]) != Magic {
+	n, err := im.readHead(hb[:])
+	if err != nil {
+		return err
+	}
+	if n < len(hb) || binary.BigEndian.Uint32(hb[:]) != Magic {
 		return formatErr("header", 0, uint64(n), "bytes: not a QCOW2 header")
 	}
 	if v := binary.BigEndian.Uint32(hb[4:]); v != 2 && v != 3 {
