@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"fmt"
 	"testing"
+	"time"
 
 	"pgregory.net/rapid"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
 	"github.com/qcowcrash/qcowcrash/model"
+	"github.com/qcowcrash/qcowcrash/vfs"
 )
 
 // TestCrashStateMachine runs a rapid state machine per configuration
@@ -460,6 +462,62 @@ func (i *nthInjector) MaybeInject(op faultfs.Op) faultfs.Action {
 	}
 	i.done = true
 	return i.act
+}
+
+// CrashGarbage takes a crash state of the garbage model (as torn, but a
+// sector that did not get its latest value may come back as random bytes)
+// and checks robustness only, since QCOW has no checksums to detect such
+// sectors: opening it read-only and for writing, reading the whole disk,
+// checking it and writing to it may fail, but only with an error, never a
+// panic, and within a time bound. The machine goes on with its own file
+// system, which the garbage state does not change.
+func (sm *crashMachine) CrashGarbage(t *rapid.T) {
+	seed := rapid.Uint64().Draw(t, "garbage-seed")
+	id := fmt.Sprintf("%s:model=garbage:seed=%d", sm.id(), seed)
+	st, err := sm.ffs.CrashState(faultfs.Garbage, seed)
+	if err != nil {
+		t.Fatalf("%s: %v", id, err)
+	}
+	crashStates.Add(1)
+	done := make(chan string, 1)
+	go func() {
+		defer func() {
+			if p := recover(); p != nil {
+				done <- fmt.Sprintf("panic: %v", p)
+			}
+		}()
+		crashGarbageUse(st, sm.size)
+		done <- ""
+	}()
+	select {
+	case msg := <-done:
+		if msg != "" {
+			t.Fatalf("%s: %s (state %s)", id, msg, st)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: open, read, check and write of a garbage state did not finish in 30 s (state %s)", id, st)
+	}
+}
+
+// crashGarbageUse opens, reads, checks and writes the image of a garbage
+// crash state, ignoring every error (each is allowed there).
+func crashGarbageUse(fsys vfs.FS, size int64) {
+	if im, err := Open(fsys, "img", nil); err == nil {
+		buf := make([]byte, 64<<10)
+		for off := int64(0); off < im.Size(); off += int64(len(buf)) {
+			if _, err := im.ReadAt(buf[:min(int64(len(buf)), im.Size()-off)], off); err != nil {
+				break
+			}
+		}
+		im.Close()
+	}
+	CheckFile(fsys, "img", "")
+	if im, err := Open(fsys, "img", &Options{ReadWrite: true}); err == nil {
+		if _, err := im.WriteAt(make([]byte, 700), size/3); err == nil {
+			im.Flush()
+		}
+		im.Close()
+	}
 }
 
 // Crash takes a crash state of the file system under a drawn persistence
