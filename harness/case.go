@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,10 +12,16 @@ import (
 	"github.com/qcowcrash/qcowcrash/faultfs"
 )
 
-// IDVersion is the version prefix of the case IDs this package writes.
-// ParseID refuses any other, so an ID never silently means a different
+// IDVersion is the version prefix of the IDs of seed-generated cases
+// (whose workload is drawn from Case.Seed). ParseID refuses unknown
+// versions and unknown fields, so an ID never silently means a different
 // case after the format changes.
 const IDVersion = "c1"
+
+// TraceIDVersion is the version prefix of the IDs of trace cases (whose
+// workload is the explicit op list Case.Trace): shrunk cases and corpus
+// entries.
+const TraceIDVersion = "c2"
 
 // Limits of a valid Case: the harness keeps everything in memory.
 const (
@@ -47,20 +54,63 @@ type Case struct {
 	Target string `json:"target"`
 	// Seed is the root of every random choice of the case.
 	Seed uint64 `json:"seed"`
+	// Explicit makes the case a trace case: its workload is Trace, not
+	// drawn from Seed (which still seeds the backing file's contents, the
+	// crash-state sampling and the usability check). Ops is then the
+	// number of ops of Trace.
+	Explicit bool `json:"-"`
+	// Trace is the workload of a trace case in the compact op encoding of
+	// EncodeOps ("w0+512.1f,f,z300+100"); the JSON form lists the ops.
+	// Use WithTrace to set it.
+	Trace string `json:"-"`
+	// Setup is a workload in the same encoding that this project's qcow
+	// writer applies and closes, durably, before the recorded workload
+	// starts: it shapes the image (fills it, grows its tables) and is not
+	// crash-checked. Trace cases only.
+	Setup string `json:"-"`
+	// Faults is the fault plan: a faultfs injector in its DSL (see
+	// faultfs.ParseInjector), consulted before every file operation of the
+	// recorded workload. Empty: no faults.
+	Faults string `json:"faults,omitempty"`
 }
 
-// caseJSON is Case's JSON form, with the model by name.
+// caseJSON is Case's JSON form, with the model by name and a trace
+// case's ops listed.
 type caseJSON struct {
 	Version string `json:"version"`
 	Model   string `json:"model"`
 	caseAlias
+	Setup []Op `json:"setup,omitempty"`
+	Trace []Op `json:"trace,omitempty"`
 }
 
 type caseAlias Case
 
-// MarshalJSON writes the case with its ID version and its model by name.
+// version returns the ID version of the case.
+func (c Case) version() string {
+	if c.Explicit {
+		return TraceIDVersion
+	}
+	return IDVersion
+}
+
+// MarshalJSON writes the case with its ID version, its model by name and,
+// for a trace case, its ops.
 func (c Case) MarshalJSON() ([]byte, error) {
-	return json.Marshal(caseJSON{Version: IDVersion, Model: c.Model.String(), caseAlias: caseAlias(c)})
+	j := caseJSON{Version: c.version(), Model: c.Model.String(), caseAlias: caseAlias(c)}
+	if c.Explicit {
+		var err error
+		if j.Trace, err = DecodeOps(c.Trace); err != nil {
+			return nil, fmt.Errorf("harness: case trace: %w", err)
+		}
+		if j.Setup, err = DecodeOps(c.Setup); err != nil {
+			return nil, fmt.Errorf("harness: case setup: %w", err)
+		}
+		if j.Trace == nil {
+			j.Trace = []Op{} // an empty trace case still says it is one
+		}
+	}
+	return json.Marshal(j)
 }
 
 // UnmarshalJSON reads what MarshalJSON writes and validates it.
@@ -69,8 +119,8 @@ func (c *Case) UnmarshalJSON(b []byte) error {
 	if err := json.Unmarshal(b, &j); err != nil {
 		return err
 	}
-	if j.Version != IDVersion {
-		return fmt.Errorf("harness: case version %q, want %q", j.Version, IDVersion)
+	if j.Version != IDVersion && j.Version != TraceIDVersion {
+		return fmt.Errorf("harness: case version %q, want %q or %q", j.Version, IDVersion, TraceIDVersion)
 	}
 	m, err := faultfs.ParseModel(j.Model)
 	if err != nil {
@@ -78,6 +128,18 @@ func (c *Case) UnmarshalJSON(b []byte) error {
 	}
 	nc := Case(j.caseAlias)
 	nc.Model = m
+	nc.Explicit, nc.Trace, nc.Setup = false, "", ""
+	if j.Version == TraceIDVersion {
+		nc = nc.WithTrace(j.Trace)
+		if nc.Setup, err = EncodeOps(j.Setup); err != nil {
+			return fmt.Errorf("harness: case setup: %w", err)
+		}
+		if _, err := EncodeOps(j.Trace); err != nil {
+			return fmt.Errorf("harness: case trace: %w", err)
+		}
+	} else if j.Trace != nil || j.Setup != nil {
+		return fmt.Errorf("harness: case version %q has no trace or setup (want %q)", j.Version, TraceIDVersion)
+	}
 	if err := nc.Validate(); err != nil {
 		return err
 	}
@@ -85,16 +147,57 @@ func (c *Case) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// ID returns the case's one-line ID, which ParseID reads back:
+// WithTrace returns c as a trace case whose workload is ops (then a
+// close, which ops must not hold). Kinds other than write, zero and flush
+// are reported by Validate.
+func (c Case) WithTrace(ops []Op) Case {
+	enc, err := EncodeOps(ops)
+	if err != nil {
+		enc = "!" + err.Error() // Validate reports it
+	}
+	c.Explicit, c.Trace, c.Ops = true, enc, len(ops)
+	return c
+}
+
+// AsTrace returns c as a trace case with the same workload (and so the
+// same verdict): the form a case is shrunk and stored in.
+func (c Case) AsTrace() Case {
+	if c.Explicit {
+		return c
+	}
+	w := c.Workload()
+	return c.WithTrace(w[:len(w)-1])
+}
+
+// ID returns the case's one-line ID, which ParseID reads back. A
+// seed-generated case:
 //
-//	c1:FORMAT:cs=N:sz=N:b=0|1:m=MODEL:wt=0|1:ops=N:spp=N:t=TARGET:seed=0xHEX
+//	c1:FORMAT:cs=N:sz=N:b=0|1:m=MODEL:wt=0|1:ops=N:spp=N:t=TARGET:seed=0xHEX[:f=FAULTS]
 //
-// It holds no spaces or shell metacharacters, so it can be pasted after
-// `crashtest repro`.
+// and a trace case, whose ops field holds the ops themselves (EncodeOps)
+// and which may carry setup ops:
+//
+//	c2:FORMAT:cs=N:sz=N:b=0|1:m=MODEL:wt=0|1:ops=OPS:spp=N:t=TARGET:seed=0xHEX[:pre=OPS][:f=FAULTS]
+//
+// FAULTS is the fault plan's DSL text in unpadded base64url, present only
+// with a fault plan, so the IDs of cases without faults are exactly what
+// they were before fault plans existed. An ID holds no spaces or shell
+// metacharacters, so it can be pasted after `crashtest repro`.
 func (c Case) ID() string {
-	return fmt.Sprintf("%s:%s:cs=%d:sz=%d:b=%d:m=%s:wt=%d:ops=%d:spp=%d:t=%s:seed=%#x",
-		IDVersion, c.Format, c.ClusterSize, c.Size, b2i(c.Backing), c.Model, b2i(c.WriteThrough),
-		c.Ops, c.StatesPerPoint, c.Target, c.Seed)
+	ops := strconv.Itoa(c.Ops)
+	if c.Explicit {
+		ops = c.Trace
+	}
+	id := fmt.Sprintf("%s:%s:cs=%d:sz=%d:b=%d:m=%s:wt=%d:ops=%s:spp=%d:t=%s:seed=%#x",
+		c.version(), c.Format, c.ClusterSize, c.Size, b2i(c.Backing), c.Model, b2i(c.WriteThrough),
+		ops, c.StatesPerPoint, c.Target, c.Seed)
+	if c.Explicit && c.Setup != "" {
+		id += ":pre=" + c.Setup
+	}
+	if c.Faults != "" {
+		id += ":f=" + base64.RawURLEncoding.EncodeToString([]byte(c.Faults))
+	}
+	return id
 }
 
 // String returns the ID.
@@ -111,9 +214,10 @@ func b2i(b bool) int {
 func ParseID(id string) (Case, error) {
 	var c Case
 	parts := strings.Split(strings.TrimSpace(id), ":")
-	if len(parts) < 2 || parts[0] != IDVersion {
-		return c, fmt.Errorf("harness: case ID %q: want prefix %q", id, IDVersion+":")
+	if len(parts) < 2 || (parts[0] != IDVersion && parts[0] != TraceIDVersion) {
+		return c, fmt.Errorf("harness: case ID %q: want prefix %q or %q", shorten(id, 200), IDVersion+":", TraceIDVersion+":")
 	}
+	c.Explicit = parts[0] == TraceIDVersion
 	c.Format = parts[1]
 	seen := map[string]bool{}
 	for _, kv := range parts[2:] {
@@ -138,7 +242,30 @@ func ParseID(id string) (Case, error) {
 		case "wt":
 			c.WriteThrough, err = parseBit(v)
 		case "ops":
-			c.Ops, err = strconv.Atoi(v)
+			if c.Explicit {
+				var ops []Op
+				if ops, err = DecodeOps(v); err == nil {
+					c = c.WithTrace(ops)
+				}
+			} else {
+				c.Ops, err = strconv.Atoi(v)
+			}
+		case "pre":
+			if !c.Explicit {
+				err = fmt.Errorf("only %s IDs have setup ops", TraceIDVersion)
+				break
+			}
+			if _, err = DecodeOps(v); err == nil {
+				c.Setup = v
+			}
+		case "f":
+			var b []byte
+			if b, err = base64.RawURLEncoding.DecodeString(v); err == nil {
+				c.Faults = string(b)
+				if c.Faults == "" {
+					err = errors.New("empty fault plan")
+				}
+			}
 		case "spp":
 			c.StatesPerPoint, err = strconv.Atoi(v)
 		case "t":
@@ -146,10 +273,10 @@ func ParseID(id string) (Case, error) {
 		case "seed":
 			c.Seed, err = strconv.ParseUint(v, 0, 64)
 		default:
-			return c, fmt.Errorf("harness: case ID %q: unknown field %q", id, k)
+			return c, fmt.Errorf("harness: case ID %q: unknown field %q", shorten(id, 200), k)
 		}
 		if err != nil {
-			return c, fmt.Errorf("harness: case ID %q: field %q: %w", id, k, err)
+			return c, fmt.Errorf("harness: case ID %q: field %q: %w", shorten(id, 200), k, err)
 		}
 	}
 	for _, k := range []string{"cs", "sz", "b", "m", "wt", "ops", "spp", "t", "seed"} {
@@ -196,6 +323,34 @@ func (c Case) Validate() error {
 	}
 	if c.Ops < 0 || c.Ops > MaxOps {
 		return bad("ops %d (want 0..%d)", c.Ops, MaxOps)
+	}
+	if c.Explicit {
+		ops, err := DecodeOps(c.Trace)
+		if err != nil {
+			return bad("trace: %v", err)
+		}
+		if len(ops) != c.Ops {
+			return bad("trace of %d ops, but ops %d", len(ops), c.Ops)
+		}
+		setup, err := DecodeOps(c.Setup)
+		if err != nil {
+			return bad("setup: %v", err)
+		}
+		if len(setup) > MaxOps {
+			return bad("%d setup ops (want at most %d)", len(setup), MaxOps)
+		}
+		for _, o := range append(setup, ops...) {
+			if (o.Kind == OpWrite || o.Kind == OpZero) && o.Off+o.Len > c.Size {
+				return bad("op %s ends beyond the %d-byte disk", o, c.Size)
+			}
+		}
+	} else if c.Trace != "" || c.Setup != "" {
+		return bad("trace or setup ops in a seed-generated case")
+	}
+	if c.Faults != "" {
+		if _, err := faultfs.ParseInjector(c.Faults); err != nil {
+			return bad("fault plan %q: %v", c.Faults, err)
+		}
 	}
 	if c.StatesPerPoint < 1 || c.StatesPerPoint > MaxStatesPerPoint {
 		return bad("states per point %d (want 1..%d)", c.StatesPerPoint, MaxStatesPerPoint)

@@ -16,8 +16,21 @@ func TestIDRoundTrip(t *testing.T) {
 			Ops: MaxOps, StatesPerPoint: MaxStatesPerPoint, Target: TargetNoBarrier, Seed: ^uint64(0)},
 	}
 	for k := range uint64(200) {
-		cases = append(cases, Generate(CaseSeed(42, k), Space{MaxOps: 1 + int(k)}))
+		c := Generate(CaseSeed(42, k), Space{MaxOps: 1 + int(k)})
+		cases = append(cases, c)
+		switch k % 4 {
+		case 1:
+			cases = append(cases, c.AsTrace())
+		case 2:
+			c.Faults = `(rule (and (kind write) (path "*.img") (index 12)) (short-write 7))`
+			cases = append(cases, c, c.AsTrace())
+		case 3:
+			c = c.AsTrace()
+			c.Setup = "w0+512.ff,f,z512+1024"
+			cases = append(cases, c)
+		}
 	}
+	cases = append(cases, cases[0].WithTrace(nil))
 	for _, c := range cases {
 		id := c.ID()
 		if strings.ContainsAny(id, " \t\n'\"$&;|<>()*?`\\") {
@@ -48,6 +61,42 @@ func TestIDRoundTrip(t *testing.T) {
 			t.Errorf("JSON %s lacks %s", b, want)
 		}
 	}
+	tc := cases[0].WithTrace([]Op{{Kind: OpWrite, Off: 1, Len: 2, Pattern: 0xab}, {Kind: OpFlush}, {Kind: OpZero, Off: 0, Len: 512}})
+	b, _ = json.Marshal(tc)
+	for _, want := range []string{`"version":"c2"`, `"trace":[{"kind":"write","off":1,"len":2,"pattern":171},{"kind":"flush"},{"kind":"zero","len":512}]`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("JSON %s lacks %s", b, want)
+		}
+	}
+	if want := "c2:v1:cs=512:sz=512:b=0:m=process:wt=0:ops=w1+2.ab,f,z0+512:spp=1:t=qcow:seed=0x0"; tc.ID() != want {
+		t.Errorf("trace ID %s, want %s", tc.ID(), want)
+	}
+}
+
+// TestOldIDsUnchanged pins the ID of seed-generated cases: IDs printed by
+// older soaks must still parse to the same case and print the same.
+func TestOldIDsUnchanged(t *testing.T) {
+	for _, tc := range []struct {
+		seed uint64
+		id   string
+	}{
+		{CaseSeed(1, 0), Generate(CaseSeed(1, 0), Space{}).ID()},
+		{0, "c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=0x1234"},
+	} {
+		c, err := ParseID(tc.id)
+		if err != nil || c.ID() != tc.id || c.Explicit || c.Faults != "" {
+			t.Fatalf("ParseID(%q) = %+v, %v", tc.id, c, err)
+		}
+	}
+	c := Generate(CaseSeed(1, 0), Space{})
+	tr := c.AsTrace()
+	w := c.Workload()
+	for i := range w {
+		w[i].Shape = "" // traces do not keep shapes
+	}
+	if !reflect.DeepEqual(w, tr.Workload()) || !strings.HasPrefix(tr.ID(), "c2:") {
+		t.Fatalf("AsTrace changed the workload or kept the c1 prefix: %s", tr.ID())
+	}
 }
 
 func TestParseIDErrors(t *testing.T) {
@@ -57,7 +106,14 @@ func TestParseIDErrors(t *testing.T) {
 	}
 	for _, tc := range []struct{ id, want string }{
 		{"", "prefix"},
-		{"c2:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "prefix"},
+		{"c3:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "prefix"},
+		{"c2:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "want wOFF+LEN"},
+		{"c2:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=w0+512.1,close:spp=8:t=qcow:seed=1", "want wOFF+LEN"},
+		{"c2:v3:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=w4000+512.1:spp=8:t=qcow:seed=1", "beyond"},
+		{"c2:v3:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=f:spp=8:t=qcow:seed=1:pre=w0+0.1", "want wOFF+LEN"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:pre=f", "only c2"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:f=!!", "illegal base64"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:f=KHJ1bGU", "fault plan"},
 		{"c1:v4:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "format"},
 		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow", "missing field \"seed\""},
 		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1:x=2", "unknown field"},

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
@@ -84,14 +86,30 @@ type run struct {
 	data   [][]byte // data[i] is ops[i].Data()
 	starts []int    // starts[i]: faultfs log length when ops[i] began
 	ends   []int    // ends[i]: faultfs log length when ops[i] returned
-	base   []byte   // backing contents, nil without a backing file
+	failed []bool   // failed[i]: ops[i] returned an error (faults injected)
+	base   []byte   // the disk's contents before the workload, nil for zeros
+	tap    *tap
 }
 
-// Run runs the case and returns its verdict. It never panics on a valid
-// case; an invalid one gives a "setup" failure.
-func Run(c Case) Verdict {
+// Options are ways to run a Case that do not change what it means.
+type Options struct {
+	// Dir, when set, runs the case over real files: vfs.OS in a new
+	// temporary directory under Dir (removed afterwards) instead of an
+	// in-memory file system. faultfs still records every operation, and
+	// the crash states are still materialized by faultfs, so the verdict
+	// is the same unless the real file system behaves differently.
+	Dir string
+}
+
+// Run runs the case in memory and returns its verdict. It never panics on
+// a valid case; an invalid one gives a "setup" failure.
+func Run(c Case) Verdict { return RunWith(c, Options{}) }
+
+// RunWith runs the case as o says and returns its verdict.
+func RunWith(c Case, o Options) Verdict {
 	v := Verdict{Case: c}
-	r, ffs, f := prepare(c)
+	r, ffs, cleanup, f := prepare(c, o)
+	defer cleanup()
 	if ffs != nil {
 		v.FileOps = len(ffs.Log())
 	}
@@ -122,28 +140,96 @@ func Run(c Case) Verdict {
 	return v
 }
 
-// prepare validates the case, creates its files and records its workload.
-// ffs is nil when the failure came before recording began. A panic in the
-// code under test is a failure of kind "panic".
-func prepare(c Case) (r *run, ffs *faultfs.FS, f *Failure) {
+// prepare validates the case, creates its files (in memory, or under
+// o.Dir) and records its workload. ffs is nil when the failure came before
+// recording began. cleanup removes what prepare created; it is never nil.
+// A panic in the code under test is a failure of kind "panic".
+func prepare(c Case, o Options) (r *run, ffs *faultfs.FS, cleanup func(), f *Failure) {
+	cleanup = func() {}
 	defer func() {
 		if p := recover(); p != nil {
 			f = &Failure{Kind: KindPanic, Point: -1, Op: -1, Sector: -1, Detail: fmt.Sprintf("panic while recording the workload: %v", p)}
 		}
 	}()
+	setupFailure := func(err error) *Failure {
+		return &Failure{Kind: KindSetup, Point: -1, Op: -1, Sector: -1, Detail: err.Error()}
+	}
 	if err := c.Validate(); err != nil {
-		return nil, nil, &Failure{Kind: KindSetup, Point: -1, Op: -1, Sector: -1, Detail: err.Error()}
+		return nil, nil, cleanup, setupFailure(err)
 	}
 	r = &run{c: c, ops: c.Workload()}
 	for _, op := range r.ops {
 		r.data = append(r.data, op.Data())
 	}
-	mem := vfs.NewMem()
-	if err := r.setup(mem); err != nil {
-		return nil, nil, &Failure{Kind: KindSetup, Point: -1, Op: -1, Sector: -1, Detail: err.Error()}
+	var inner vfs.FS = vfs.NewMem()
+	if o.Dir != "" {
+		dir, err := os.MkdirTemp(o.Dir, "crashcase-")
+		if err != nil {
+			return nil, nil, cleanup, setupFailure(fmt.Errorf("temporary directory: %w", err))
+		}
+		cleanup = func() { os.RemoveAll(dir) }
+		inner = dirFS{dir}
 	}
-	ffs = faultfs.New(mem)
-	return r, ffs, r.record(targets[c.Target], ffs)
+	if err := r.setup(inner); err != nil {
+		return nil, nil, cleanup, setupFailure(err)
+	}
+	r.tap = &tap{}
+	if c.Faults != "" {
+		inj, err := faultfs.ParseInjector(c.Faults)
+		if err != nil {
+			return nil, nil, cleanup, setupFailure(fmt.Errorf("fault plan: %w", err))
+		}
+		r.tap.inner = inj
+	}
+	ffs = faultfs.New(inner, faultfs.WithInjector(r.tap))
+	return r, ffs, cleanup, r.record(targets[c.Target], ffs)
+}
+
+// tap is the injector every recording runs under: it asks the case's
+// fault plan, if any, and notes how many file operations ran and which
+// were failed, so the harness need not copy the op log after every op.
+type tap struct {
+	inner   faultfs.Injector
+	n       int   // file operations so far
+	faults  []int // indexes of the operations a fault fired on
+	crashed bool
+}
+
+func (t *tap) String() string {
+	if t.inner == nil {
+		return "(or)"
+	}
+	return t.inner.String()
+}
+
+// MaybeInject asks the fault plan. faultfs asks it before every operation
+// until a crash (after which every operation fails without asking).
+func (t *tap) MaybeInject(op faultfs.Op) faultfs.Action {
+	t.n = op.Index + 1
+	if t.inner == nil {
+		return faultfs.Action{}
+	}
+	a := t.inner.MaybeInject(op)
+	if a.Fault != faultfs.NoFault {
+		t.faults = append(t.faults, op.Index)
+		t.crashed = t.crashed || a.Fault == faultfs.FaultCrash
+	}
+	return a
+}
+
+// len returns the number of file operations logged so far, counting
+// those after a crash (which the tap is not asked about) from the FS.
+func (t *tap) len(ffs *faultfs.FS) int {
+	if t.crashed {
+		return len(ffs.Log())
+	}
+	return t.n
+}
+
+// faulted reports whether a fault was injected into an operation with
+// index at least from (every operation after a crash is faulted).
+func (t *tap) faulted(from int) bool {
+	return t.crashed || (len(t.faults) > 0 && t.faults[len(t.faults)-1] >= from)
 }
 
 // Trace is a case's recorded workload, for reports.
@@ -161,7 +247,8 @@ type Trace struct {
 // trace. It is deterministic like Run; an error means the workload itself
 // failed (Run reports the same as a failure).
 func Record(c Case) (*Trace, error) {
-	r, ffs, f := prepare(c)
+	r, ffs, cleanup, f := prepare(c, Options{})
+	defer cleanup()
 	t := &Trace{}
 	if r != nil {
 		t.Ops = r.ops[:len(r.ends)]
@@ -214,18 +301,85 @@ func (r *run) setup(mem vfs.FS) error {
 	if err := qcow.Create(mem, imageName, o); err != nil {
 		return fmt.Errorf("create image: %w", err)
 	}
-	return mem.SyncDir(".")
+	if err := mem.SyncDir("."); err != nil {
+		return fmt.Errorf("sync directory: %w", err)
+	}
+	if c.Setup == "" {
+		return nil
+	}
+	return r.applySetup(mem)
+}
+
+// applySetup writes the case's setup ops through this project's writer,
+// closes the image and makes the result the model's starting contents.
+func (r *run) applySetup(mem vfs.FS) error {
+	ops, err := DecodeOps(r.c.Setup)
+	if err != nil {
+		return fmt.Errorf("setup ops: %w", err)
+	}
+	im, err := qcow.Open(mem, imageName, &qcow.Options{ReadWrite: true})
+	if err != nil {
+		return fmt.Errorf("setup: open: %w", err)
+	}
+	for i, op := range ops {
+		switch op.Kind {
+		case OpWrite:
+			_, err = im.WriteAt(op.Data(), op.Off)
+		case OpZero:
+			err = im.WriteZeroes(op.Off, op.Len)
+		case OpFlush:
+			err = im.Flush()
+		}
+		if err != nil {
+			im.Close()
+			return fmt.Errorf("setup op %d (%s): %w", i, op, err)
+		}
+	}
+	if err := im.Close(); err != nil {
+		return fmt.Errorf("setup: close: %w", err)
+	}
+	if im, err = qcow.Open(mem, imageName, nil); err != nil {
+		return fmt.Errorf("setup: reopen: %w", err)
+	}
+	defer im.Close()
+	r.base = make([]byte, r.c.Size)
+	if _, err := im.ReadAt(r.base, 0); err != nil {
+		return fmt.Errorf("setup: read back: %w", err)
+	}
+	return nil
 }
 
 // record runs the workload on the image through target over ffs, noting
-// where each op begins and ends in ffs's log.
+// where each op begins and ends in ffs's log and which ops failed. Without
+// a fault plan any error is a failure of kind "errors"; with one, every
+// workload call must return an error wrapping the injected one when a
+// fault fired during it, and nil only when none did (an error with no
+// fault of its own is allowed once some fault has fired: the writer may
+// refuse writes after a failure). The workload goes on after a failed op.
 func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
+	r.failed = make([]bool, len(r.ops))
+	fail := func(i int, format string, args ...any) *Failure {
+		return &Failure{Kind: KindErrors, Point: -1, Op: i, Sector: -1, Detail: fmt.Sprintf(format, args...)}
+	}
 	im, err := target.Open(ffs, imageName, r.c.WriteThrough)
 	if err != nil {
-		return &Failure{Kind: KindErrors, Point: -1, Op: -1, Sector: -1, Detail: "open for writing: " + err.Error()}
+		if !r.tap.faulted(0) {
+			return fail(-1, "open for writing failed with no fault injected: %v", err)
+		}
+		if !errors.Is(err, faultfs.ErrInjected) {
+			return fail(-1, "open for writing: an injected fault gave an error that does not wrap it: %v", err)
+		}
+		// Nothing was written: every crash state must read as the start.
+		for i := range r.ops {
+			n := r.tap.len(ffs)
+			r.starts, r.ends = append(r.starts, n), append(r.ends, n)
+			r.failed[i] = true
+		}
+		return nil
 	}
 	for i, op := range r.ops {
-		r.starts = append(r.starts, len(ffs.Log()))
+		start := r.tap.len(ffs)
+		r.starts = append(r.starts, start)
 		switch op.Kind {
 		case OpWrite:
 			_, err = im.WriteAt(r.data[i], op.Off)
@@ -236,14 +390,24 @@ func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
 		case OpClose:
 			err = im.Close()
 		}
-		r.ends = append(r.ends, len(ffs.Log()))
-		if err != nil {
+		r.ends = append(r.ends, r.tap.len(ffs))
+		hit := r.tap.faulted(start)
+		switch {
+		case err == nil && hit:
+			return fail(i, "op %d (%s) returned nil although an injected fault failed one of its file operations", i, op)
+		case err == nil:
+			continue
+		case r.c.Faults == "":
 			if op.Kind != OpClose {
 				im.Close()
 			}
-			return &Failure{Kind: KindErrors, Point: -1, Op: i, Sector: -1,
-				Detail: fmt.Sprintf("op %d (%s) failed with no fault injected: %v", i, op, err)}
+			return fail(i, "op %d (%s) failed with no fault injected: %v", i, op, err)
+		case hit && !errors.Is(err, faultfs.ErrInjected):
+			return fail(i, "op %d (%s): the injected fault gave an error that does not wrap it: %v", i, op, err)
+		case !r.tap.faulted(0):
+			return fail(i, "op %d (%s) failed before any fault was injected: %v", i, op, err)
 		}
+		r.failed[i] = true
 	}
 	return nil
 }
@@ -281,6 +445,14 @@ func (r *run) modelAt(n int, noFlush bool) *model.Disk {
 	}
 	for i, op := range r.ops {
 		switch {
+		case r.ends[i] <= n && r.failed[i]: // returned an error
+			switch op.Kind {
+			case OpWrite:
+				m.FailedWrite(r.data[i], op.Off)
+			case OpZero:
+				m.FailedWriteZeroes(op.Off, op.Len)
+			}
+			continue
 		case r.ends[i] <= n: // completed
 			switch op.Kind {
 			case OpWrite:
@@ -473,3 +645,27 @@ type noBarrierFile struct{ vfs.File }
 func (noBarrierFile) Sync() error                  { return nil }
 func (noBarrierFile) Datasync() error              { return nil }
 func (noBarrierFile) SyncRange(off, n int64) error { return nil }
+
+// dirFS is vfs.OS with every name relative to dir.
+type dirFS struct{ dir string }
+
+var _ vfs.Renamer = dirFS{}
+
+func (d dirFS) path(name string) string { return filepath.Join(d.dir, name) }
+
+func (d dirFS) Open(name string, flag vfs.OpenFlag) (vfs.File, error) {
+	return vfs.OS.Open(d.path(name), flag)
+}
+func (d dirFS) Create(name string) (vfs.File, error) { return vfs.OS.Create(d.path(name)) }
+func (d dirFS) Remove(name string) error             { return vfs.OS.Remove(d.path(name)) }
+func (d dirFS) SyncDir(dir string) error             { return vfs.OS.SyncDir(d.path(dir)) }
+func (d dirFS) Stat(name string) (os.FileInfo, error) {
+	return vfs.OS.Stat(d.path(name))
+}
+func (d dirFS) Rename(oldname, newname string) error {
+	rn, ok := vfs.OS.(vfs.Renamer)
+	if !ok {
+		return fmt.Errorf("harness: %s: the OS file system cannot rename", d.dir)
+	}
+	return rn.Rename(d.path(oldname), d.path(newname))
+}

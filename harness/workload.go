@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
+	"strings"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
 )
@@ -69,9 +71,15 @@ func Pattern(seed uint64, n int64) []byte {
 	return b[:n]
 }
 
-// Workload returns the case's operations, deterministically from
-// Case.Seed: Case.Ops writes, zero writes and flushes, then a close.
+// Workload returns the case's operations, then a close: those of Trace
+// for a trace case, else Case.Ops writes, zero writes and flushes drawn
+// deterministically from Case.Seed. An invalid trace gives just the close
+// (Validate reports it).
 func (c Case) Workload() []Op {
+	if c.Explicit {
+		ops, _ := DecodeOps(c.Trace)
+		return append(ops, Op{Kind: OpClose})
+	}
 	s := faultfs.SubSeed(c.Seed, "workload")
 	r := rand.New(rand.NewPCG(s, faultfs.SubSeed(s, "pcg")))
 	ops := make([]Op, 0, c.Ops+1)
@@ -133,4 +141,82 @@ func (c Case) drawOp(r *rand.Rand) Op {
 		o.Len = rng(cs, min(4*cs, 256<<10))
 	}
 	return clamp(o)
+}
+
+// EncodeOps returns the compact one-line form of a trace, which DecodeOps
+// reads back: ops separated by commas, each "wOFF+LEN.PATTERN" (a write;
+// PATTERN in hex), "zOFF+LEN" (a zero write) or "f" (a flush); no ops is
+// the empty string. Shapes are not kept. Only write, zero and flush ops can
+// be encoded, with OFF >= 0 and LEN >= 1.
+func EncodeOps(ops []Op) (string, error) {
+	var b strings.Builder
+	for i, o := range ops {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		if (o.Kind == OpWrite || o.Kind == OpZero) && (o.Off < 0 || o.Len < 1 || o.Len > MaxSize) {
+			return "", fmt.Errorf("op %d (%s): want offset >= 0 and length in [1, %d]", i, o, MaxSize)
+		}
+		switch o.Kind {
+		case OpWrite:
+			fmt.Fprintf(&b, "w%d+%d.%x", o.Off, o.Len, o.Pattern)
+		case OpZero:
+			fmt.Fprintf(&b, "z%d+%d", o.Off, o.Len)
+		case OpFlush:
+			b.WriteByte('f')
+		default:
+			return "", fmt.Errorf("op %d: kind %q cannot be in a trace (want write, zero or flush)", i, o.Kind)
+		}
+	}
+	return b.String(), nil
+}
+
+// DecodeOps parses what EncodeOps writes.
+func DecodeOps(s string) ([]Op, error) {
+	if s == "" {
+		return nil, nil
+	}
+	parts := strings.Split(s, ",")
+	if len(parts) > MaxOps {
+		return nil, fmt.Errorf("%d ops (want at most %d)", len(parts), MaxOps)
+	}
+	ops := make([]Op, 0, len(parts))
+	for i, p := range parts {
+		bad := func() ([]Op, error) {
+			return nil, fmt.Errorf("op %d %q: want wOFF+LEN.HEX, zOFF+LEN or f", i, shorten(p, 60))
+		}
+		if p == "f" {
+			ops = append(ops, Op{Kind: OpFlush})
+			continue
+		}
+		if len(p) < 4 || (p[0] != 'w' && p[0] != 'z') {
+			return bad()
+		}
+		o := Op{Kind: OpZero}
+		rest := p[1:]
+		if p[0] == 'w' {
+			o.Kind = OpWrite
+			var pat string
+			var ok bool
+			if rest, pat, ok = strings.Cut(rest, "."); !ok {
+				return bad()
+			}
+			var err error
+			if o.Pattern, err = strconv.ParseUint(pat, 16, 64); err != nil {
+				return bad()
+			}
+		}
+		a, l, ok := strings.Cut(rest, "+")
+		if !ok {
+			return bad()
+		}
+		var err1, err2 error
+		o.Off, err1 = strconv.ParseInt(a, 10, 64)
+		o.Len, err2 = strconv.ParseInt(l, 10, 64)
+		if err1 != nil || err2 != nil || o.Off < 0 || o.Len < 1 || o.Len > MaxSize || o.Off > MaxSize {
+			return bad()
+		}
+		ops = append(ops, o)
+	}
+	return ops, nil
 }
