@@ -268,18 +268,79 @@ func (d *Disk) allowed(s int64) ([][]byte, error) {
 	return set, nil
 }
 
+// ZeroReporter is implemented by images that can tell, without reading
+// data, that a range reads as zeros (qcow.Image's BlockStatus). Check and
+// Verify use it to skip reading such ranges: there they only verify that
+// zeros are allowed.
+type ZeroReporter interface {
+	// BlockStatus returns the length (at most n, at least 1) of the range
+	// at off that is uniformly zero (zero == true) or not known to be.
+	BlockStatus(off, n int64) (length int64, zero bool, err error)
+}
+
+// zeroSector is a sector of zeros to compare against.
+var zeroSector [SectorSize]byte
+
 // Check reads the whole disk through r and verifies that every sector holds
 // a value the model allows (after a crash: its value at the last completed
 // flush or any value written since; otherwise its current value or values).
 // It returns a *MismatchError naming the first offending sector. On success
 // the model adopts what it observed: those values become the durable and
-// current ones, and the crash is resolved.
+// current ones, and the crash is resolved. If r is a ZeroReporter, ranges it
+// reports as zeros are not read.
 func (d *Disk) Check(r io.ReaderAt) error {
+	return d.scan(r, true)
+}
+
+// Verify is Check without the adoption: the model is left unchanged, so one
+// model can judge many images (the crash states of one crash point).
+func (d *Disk) Verify(r io.ReaderAt) error {
+	return d.scan(r, false)
+}
+
+// observation is a value seen in a touched sector, for the adoption.
+type observation struct {
+	s int64
+	v []byte // one of the sector's allowed values (never modified)
+}
+
+// scan verifies every sector of the disk against r, adopting the observed
+// values when adopt is set and the scan succeeds.
+func (d *Disk) scan(r io.ReaderAt, adopt bool) error {
 	const chunk = 1 << 20
+	zr, _ := r.(ZeroReporter)
 	buf := make([]byte, min(chunk, d.size))
-	observed := map[int64][]byte{}
-	for off := int64(0); off < d.size; off += chunk {
+	var baseBuf []byte
+	if d.base != nil {
+		baseBuf = make([]byte, len(buf))
+	}
+	var observed []observation
+	for off := int64(0); off < d.size; {
 		n := min(chunk, d.size-off)
+		if zr != nil {
+			l, zero, err := zr.BlockStatus(off, n)
+			if err != nil {
+				return fmt.Errorf("model: block status of the image at %d: %w", off, err)
+			}
+			if l <= 0 || l > n {
+				return fmt.Errorf("model: block status of the image at %d: length %d outside (0, %d]", off, l, n)
+			}
+			if off+l < d.size {
+				l &^= SectorSize - 1 // whole sectors only; a partial one is read
+			}
+			if zero && l > 0 {
+				if err := d.scanZero(off, l, adopt, &observed); err != nil {
+					return err
+				}
+				off += l
+				continue
+			}
+			if l > 0 {
+				n = l
+			} else {
+				n = min(SectorSize, d.size-off)
+			}
+		}
 		got, err := r.ReadAt(buf[:n], off)
 		if int64(got) < n {
 			if err == nil {
@@ -287,37 +348,128 @@ func (d *Disk) Check(r io.ReaderAt) error {
 			}
 			return fmt.Errorf("model: read image at %d: %w", off+int64(got), err)
 		}
-		for s := off / SectorSize; s*SectorSize < off+n; s++ {
-			v := buf[s*SectorSize-off : s*SectorSize-off+int64(d.sectorLen(s))]
-			allowed, err := d.allowed(s)
-			if err != nil {
-				return err
+		var initial []byte
+		if baseBuf != nil {
+			m, err := d.base.ReadAt(baseBuf[:n], off)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return fmt.Errorf("model: read initial contents at %d: %w", off, err)
 			}
-			ok := false
-			for _, a := range allowed {
+			clear(baseBuf[m:n])
+			initial = baseBuf[:n]
+		}
+		if err := d.scanData(off, buf[:n], initial, adopt, &observed); err != nil {
+			return err
+		}
+		off += n
+	}
+	if adopt {
+		for _, o := range observed {
+			st := d.sectors[o.s]
+			if d.crashed {
+				st.durable = [][]byte{o.v}
+				st.history = nil
+			}
+			st.current = [][]byte{o.v}
+		}
+		d.crashed = false
+	}
+	return nil
+}
+
+// scanData verifies the sectors of data, read from the image at off (a
+// sector boundary); initial holds the initial contents of the same range,
+// nil for zeros.
+func (d *Disk) scanData(off int64, data, initial []byte, adopt bool, observed *[]observation) error {
+	first := off / SectorSize
+	for s := first; s*SectorSize < off+int64(len(data)); s++ {
+		lo := s*SectorSize - off
+		v := data[lo : lo+int64(d.sectorLen(s))]
+		st, touched := d.sectors[s]
+		if !touched {
+			var want []byte
+			if initial != nil {
+				want = initial[lo : lo+int64(len(v))]
+			} else {
+				want = zeroSector[:len(v)]
+			}
+			if !bytes.Equal(v, want) {
+				return d.mismatch(s, v)
+			}
+			continue
+		}
+		a := d.match(st, v)
+		if a == nil {
+			return d.mismatch(s, v)
+		}
+		if adopt && (d.crashed || len(st.current) > 1) {
+			*observed = append(*observed, observation{s, a})
+		}
+	}
+	return nil
+}
+
+// scanZero verifies that the sectors of [off, off+n), which the image
+// reports as zeros, may hold zeros.
+func (d *Disk) scanZero(off, n int64, adopt bool, observed *[]observation) error {
+	var initial []byte
+	for s := off / SectorSize; s*SectorSize < off+n; s++ {
+		v := zeroSector[:d.sectorLen(s)]
+		st, touched := d.sectors[s]
+		if !touched {
+			if d.base == nil {
+				continue
+			}
+			if initial == nil {
+				initial = make([]byte, SectorSize)
+			}
+			m, err := d.base.ReadAt(initial[:len(v)], s*SectorSize)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return fmt.Errorf("model: read initial contents of sector %d: %w", s, err)
+			}
+			clear(initial[m:len(v)])
+			if !bytes.Equal(initial[:len(v)], v) {
+				return d.mismatch(s, v)
+			}
+			continue
+		}
+		a := d.match(st, v)
+		if a == nil {
+			return d.mismatch(s, v)
+		}
+		if adopt && (d.crashed || len(st.current) > 1) {
+			*observed = append(*observed, observation{s, a})
+		}
+	}
+	return nil
+}
+
+// match returns the allowed value of st equal to v, or nil.
+func (d *Disk) match(st *sector, v []byte) []byte {
+	if d.crashed {
+		for _, set := range [][][]byte{st.durable, st.history, st.current} {
+			for _, a := range set {
 				if bytes.Equal(a, v) {
-					ok = true
-					break
+					return a
 				}
 			}
-			if !ok {
-				return &MismatchError{Sector: s, Offset: s * SectorSize, Got: bytes.Clone(v), Allowed: allowed}
-			}
-			if st, touched := d.sectors[s]; touched && (d.crashed || len(st.current) > 1) {
-				observed[s] = bytes.Clone(v)
-			}
+		}
+		return nil
+	}
+	for _, a := range st.current {
+		if bytes.Equal(a, v) {
+			return a
 		}
 	}
-	for s, v := range observed {
-		st := d.sectors[s]
-		if d.crashed {
-			st.durable = [][]byte{v}
-			st.history = nil
-		}
-		st.current = [][]byte{v}
-	}
-	d.crashed = false
 	return nil
+}
+
+// mismatch returns the error for sector s holding v.
+func (d *Disk) mismatch(s int64, v []byte) error {
+	allowed, err := d.allowed(s)
+	if err != nil {
+		return err
+	}
+	return &MismatchError{Sector: s, Offset: s * SectorSize, Got: bytes.Clone(v), Allowed: allowed}
 }
 
 // Touched returns the indexes of the sectors written since New, in order;

@@ -145,3 +145,89 @@ func TestRange(t *testing.T) {
 		t.Error("Check of a short image must fail")
 	}
 }
+
+// zeroImg is an image that reports the ranges in zeros as reading zeros
+// (whatever its bytes hold, so a test can tell whether they were read).
+type zeroImg struct {
+	img
+	zeros [][2]int64 // [off, end) ranges reported as zeros
+}
+
+func (z zeroImg) BlockStatus(off, n int64) (int64, bool, error) {
+	for _, r := range z.zeros {
+		if off >= r[0] && off < r[1] {
+			return min(n, r[1]-off), true, nil
+		}
+	}
+	next := off + n
+	for _, r := range z.zeros {
+		if r[0] > off && r[0] < next {
+			next = r[0]
+		}
+	}
+	return next - off, false, nil
+}
+
+// TestVerifyAndZeroRanges: Verify judges like Check but adopts nothing, and
+// ranges an image reports as zeros are judged as zeros without being read.
+func TestVerifyAndZeroRanges(t *testing.T) {
+	base := img(fill(4096, 0x11))
+	tests := []struct {
+		name  string
+		base  img
+		zeros [][2]int64
+		ok    bool
+	}{
+		{"zero range over written zeros", nil, [][2]int64{{1024, 2048}}, true},
+		{"zero range over untouched zeros", nil, [][2]int64{{2048, 4096}}, true},
+		{"zero range over the flushed write", nil, [][2]int64{{0, 512}}, false},
+		{"zero range over backing data", base, [][2]int64{{2048, 4096}}, false},
+		{"zero range over the failed write (old value zero)", nil, [][2]int64{{512, 1024}}, true},
+		{"no zero ranges", base, nil, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var b img
+			if tc.base != nil {
+				b = tc.base
+			}
+			var d *Disk
+			if b != nil {
+				d = New(4096, b)
+			} else {
+				d = New(4096, nil)
+			}
+			d.Write(fill(512, 1), 0)
+			d.Flush()
+			d.FailedWrite(fill(512, 2), 512)
+			d.WriteZeroes(1024, 1024)
+			d.Crash()
+			// The image's bytes: what the model expects, except that the
+			// zero ranges hold 0xee, which must never be read.
+			want := make([]byte, 4096)
+			if b != nil {
+				copy(want, b)
+			}
+			copy(want, fill(512, 1))
+			copy(want[512:], fill(512, 2))
+			clear(want[1024:2048])
+			for _, r := range tc.zeros {
+				copy(want[r[0]:r[1]], fill(int(r[1]-r[0]), 0xee))
+			}
+			im := zeroImg{img(want), tc.zeros}
+			err := d.Verify(im)
+			if (err == nil) != tc.ok {
+				t.Fatalf("Verify = %v, want ok=%v", err, tc.ok)
+			}
+			if !d.Crashed() {
+				t.Fatal("Verify adopted the image: the crash is resolved")
+			}
+			if err2 := d.Check(im); (err2 == nil) != tc.ok {
+				t.Fatalf("Check = %v, Verify = %v", err2, err)
+			}
+			if tc.ok && d.Crashed() {
+				t.Fatal("a successful Check left the crash unresolved")
+			}
+		})
+	}
+}

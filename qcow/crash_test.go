@@ -14,6 +14,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"strconv"
@@ -200,6 +201,12 @@ func verdictf(verdict, format string, args ...any) error {
 // (content; after a crash the model then adopts what it saw). Callers
 // count crash states in crashStates.
 func crashVerify(fsys vfs.FS, m *model.Disk, leaksFrom int64) error {
+	return crashVerifyContent(fsys, leaksFrom, func(r io.ReaderAt) error { return m.Check(r) })
+}
+
+// crashVerifyContent is crashVerify with the content verdict given by
+// content, which reads the disk through r.
+func crashVerifyContent(fsys vfs.FS, leaksFrom int64, content func(r io.ReaderAt) error) error {
 	res, err := CheckFile(fsys, "img", "")
 	if err != nil {
 		var fe *FormatError
@@ -228,7 +235,7 @@ func crashVerify(fsys vfs.FS, m *model.Disk, leaksFrom int64) error {
 		return &crashVerdict{"open", err}
 	}
 	defer im.Close()
-	if err := m.Check(wtSizedReader{im}); err != nil {
+	if err := content(wtSizedReader{im}); err != nil {
 		return &crashVerdict{"content", err}
 	}
 	return nil

@@ -63,6 +63,15 @@ func (r wtSizedReader) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
+// BlockStatus passes the image's zero ranges on to the model, and reports
+// the range beyond the image's end as zeros.
+func (r wtSizedReader) BlockStatus(off, n int64) (int64, bool, error) {
+	if size := r.im.Size(); off < size {
+		return r.im.BlockStatus(off, min(n, size-off))
+	}
+	return n, true, nil
+}
+
 // wtApplyOp applies op to im and the model; a failed op is recorded as
 // such in the model.
 func wtApplyOp(im *Image, m *model.Disk, op wtOp) error {
