@@ -104,6 +104,44 @@ type Space struct {
 	Target string
 	// MaxOps bounds the workload length (default 40).
 	MaxOps int
+	// Errors gives every case a fault plan drawn from its seed (see
+	// FaultPlan), so the errors verdict is exercised too.
+	Errors bool
+}
+
+// FaultPlan draws a fault plan from seed (through its "faults" sub-seed):
+// one kind of fault (EIO or a torn write on writes, ENOSPC on writes,
+// truncates and allocates, EIO on syncs and truncates, EIO on reads,
+// fsync-drop on syncs, or a crash on a write or a sync), fired on each matching file operation with
+// a small seeded probability. The result is in the faultfs DSL.
+func FaultPlan(seed uint64) string {
+	s := faultfs.SubSeed(seed, "faults")
+	r := rand.New(rand.NewPCG(s, faultfs.SubSeed(s, "pcg")))
+	p := []float64{0.01, 0.03, 0.1}[r.IntN(3)]
+	ps := r.Uint64()
+	var kinds faultfs.OpKinds
+	var act faultfs.Action
+	switch r.IntN(7) {
+	case 0:
+		kinds, act = faultfs.KindSet(faultfs.OpWrite), faultfs.EIO
+	case 1:
+		kinds, act = faultfs.KindSet(faultfs.OpWrite, faultfs.OpTruncate, faultfs.OpAllocate), faultfs.ENOSPC
+	case 2:
+		// Not short writes: their byte-granular prefix can end inside a
+		// sector the guest is overwriting in place, which no writer can
+		// keep at its old or new value (the model's promise for a
+		// failed write). Torn writes keep whole sectors.
+		kinds, act = faultfs.KindSet(faultfs.OpSync, faultfs.OpDatasync, faultfs.OpTruncate), faultfs.EIO
+	case 3:
+		kinds, act = faultfs.KindSet(faultfs.OpWrite), faultfs.TearThenFail(r.Uint64())
+	case 4:
+		kinds, act = faultfs.KindSet(faultfs.OpRead), faultfs.EIO
+	case 5:
+		kinds, act = faultfs.KindSet(faultfs.OpSync, faultfs.OpDatasync, faultfs.OpSyncRange), faultfs.FsyncDrop
+	default:
+		kinds, act = faultfs.KindSet(faultfs.OpWrite, faultfs.OpSync, faultfs.OpDatasync), faultfs.Crash
+	}
+	return faultfs.Rule(faultfs.And(faultfs.Kinds(kinds), faultfs.Randomly(p, ps)), act).String()
 }
 
 // CaseSeed returns the seed of the k-th case of a run with root seed root.
@@ -156,6 +194,9 @@ func Generate(seed uint64, sp Space) Case {
 		StatesPerPoint: DefaultStatesPerPoint,
 		Target:         target,
 		Seed:           seed,
+	}
+	if sp.Errors {
+		c.Faults = FaultPlan(seed)
 	}
 	sizes := []int64{512, 4096, 65536}
 	if c.Format == "v1" {

@@ -72,6 +72,9 @@ type Verdict struct {
 	// and including the failing one).
 	Points int `json:"points"`
 	States int `json:"states"`
+	// Faults counts the file operations the fault plan failed (those
+	// after a crash not included).
+	Faults int `json:"faults,omitempty"`
 }
 
 const (
@@ -112,6 +115,7 @@ func RunWith(c Case, o Options) Verdict {
 	defer cleanup()
 	if ffs != nil {
 		v.FileOps = len(ffs.Log())
+		v.Faults = len(r.tap.faults)
 	}
 	if f != nil {
 		f.Detail = shorten(f.Detail, 600)
@@ -174,14 +178,29 @@ func prepare(c Case, o Options) (r *run, ffs *faultfs.FS, cleanup func(), f *Fai
 		return nil, nil, cleanup, setupFailure(err)
 	}
 	r.tap = &tap{}
+	ffs = faultfs.New(inner, faultfs.WithInjector(r.tap))
 	if c.Faults != "" {
 		inj, err := faultfs.ParseInjector(c.Faults)
 		if err != nil {
 			return nil, nil, cleanup, setupFailure(fmt.Errorf("fault plan: %w", err))
 		}
+		// faultfs knows only the files opened through it: open each one
+		// before any fault can fire, so that a crash state has the
+		// backing file even when a fault stops the writer from opening it.
+		// (Cases without faults skip this, so their file operation
+		// numbers stay what they always were.)
+		for _, name := range []string{backingName, imageName} {
+			if name == backingName && !c.Backing {
+				continue
+			}
+			f, err := ffs.Open(name, vfs.ReadOnly)
+			if err != nil {
+				return nil, nil, cleanup, setupFailure(fmt.Errorf("adopt %s: %w", name, err))
+			}
+			f.Close()
+		}
 		r.tap.inner = inj
 	}
-	ffs = faultfs.New(inner, faultfs.WithInjector(r.tap))
 	return r, ffs, cleanup, r.record(targets[c.Target], ffs)
 }
 

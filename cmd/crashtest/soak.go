@@ -19,13 +19,14 @@ import (
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
 	"github.com/qcowcrash/qcowcrash/harness"
+	"golang.org/x/sys/unix"
 )
 
 func init() {
 	register(&command{
 		name:    "soak",
-		args:    "[--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--json] [-v]",
-		summary: "Run random crash-consistency cases until the duration ends, N cases ran or Ctrl-C; print a summary and a repro command per failure; exit 1 if any case failed.",
+		args:    "[--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--fs mem|os:DIR] [--out DIR] [--json] [-v]",
+		summary: "Run random crash-consistency cases until the duration ends, N cases ran or Ctrl-C; shrink every failure, print a summary and a repro command per failure; exit 1 if any case failed.",
 		flags: func(fs *flag.FlagSet) func(*cli, []string) int {
 			var o soakOptions
 			fs.DurationVar(&o.duration, "duration", 30*time.Second, "stop starting new cases after `D` (0: no time limit; then stop with --cases or Ctrl-C)")
@@ -36,7 +37,11 @@ func init() {
 			fs.Var(listFlag{&o.formats, harness.Formats}, "formats", "comma-separated `FORMATS` to draw from: v1, v2, v3")
 			fs.Var(modelsFlag{&o.models}, "models", "comma-separated persistence `MODELS`: process, lose-unsynced, reorder, torn, prefix, garbage (default all but garbage)")
 			fs.Var(listFlag{&o.target, harness.Targets}, "target", "writer under `TARGET`: qcow, or qcow-nobarrier (deliberately broken: drops every sync)")
-			fs.DurationVar(&o.progress, "progress", 5*time.Second, "print a progress line to stderr every `D` (0: never)")
+			fs.BoolVar(&o.errors, "errors", false, "give every case a seeded fault plan (EIO, ENOSPC, short and torn writes, fsync-drop, crash) and judge the errors verdict too")
+			fs.Var(&o.fs, "fs", "run the cases over `mem` (default) or real files through vfs.OS in temporary directories under DIR (os:DIR)")
+			fs.StringVar(&o.out, "out", "", "write every failure, shrunk, as a corpus entry (NAME.json) and a short report (NAME.txt) into `DIR`")
+			fs.IntVar(&o.shrinkRuns, "shrink-runs", 200, "shrink each failure with at most `N` candidate runs (0: do not shrink)")
+			fs.DurationVar(&o.progress, "progress", 5*time.Second, "on a terminal, a live progress line; otherwise print a progress line to stderr every `D` (0: never)")
 			asJSON := jsonFlags(fs)
 			fs.BoolVar(&o.verbose, "v", false, "print every finished case to stderr")
 			return func(c *cli, args []string) int {
@@ -70,6 +75,10 @@ type soakOptions struct {
 	formats, target    []string
 	models             []faultfs.Model
 	json, verbose      bool
+	errors             bool
+	fs                 fsFlag
+	out                string
+	shrinkRuns         int
 }
 
 // soakFailure is one failing case in the summary.
@@ -78,6 +87,15 @@ type soakFailure struct {
 	ID      string           `json:"id"`
 	Repro   string           `json:"repro"`
 	Failure *harness.Failure `json:"failure"`
+	// Ops is the failing case's op count; ShrunkID, ShrunkOps and
+	// ShrunkRepro describe the shrunk case (empty when shrinking was off
+	// or found nothing smaller that fails the same way).
+	Ops         int    `json:"ops"`
+	ShrunkID    string `json:"shrunk_id,omitempty"`
+	ShrunkOps   int    `json:"shrunk_ops,omitempty"`
+	ShrunkRepro string `json:"shrunk_repro,omitempty"`
+	// Entry is the corpus entry written to --out.
+	Entry string `json:"entry,omitempty"`
 }
 
 // soakSummary is what soak prints at the end (--json: as JSON).
@@ -85,6 +103,8 @@ type soakSummary struct {
 	Seed           string        `json:"seed"`
 	Shard          string        `json:"shard"`
 	Target         string        `json:"target"`
+	Errors         bool          `json:"errors"`
+	FS             string        `json:"fs"`
 	Cases          int64         `json:"cases"`
 	Points         int64         `json:"points"`
 	States         int64         `json:"states"`
@@ -101,7 +121,7 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 	if o.shard.n == 0 {
 		o.shard = shardFlag{0, 1}
 	}
-	sp := harness.Space{Formats: o.formats, Models: o.models}
+	sp := harness.Space{Formats: o.formats, Models: o.models, Errors: o.errors}
 	if len(o.target) == 1 {
 		sp.Target = o.target[0]
 	}
@@ -110,8 +130,14 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 	}
 	seedStr := fmt.Sprintf("%#x", o.seed)
 	if !o.json {
-		fmt.Fprintf(c.stdout, "soak: seed=%s shard=%s workers=%d duration=%v target=%s\n", seedStr, &o.shard, o.workers, o.duration, sp.Target)
+		fmt.Fprintf(c.stdout, "soak: seed=%s shard=%s workers=%d duration=%v target=%s errors=%v fs=%s\n", seedStr, &o.shard, o.workers, o.duration, sp.Target, o.errors, &o.fs)
 	}
+	if o.out != "" {
+		if err := os.MkdirAll(o.out, 0o755); err != nil {
+			return c.fail("soak: --out: %v", err)
+		}
+	}
+	runOpts := harness.Options{Dir: o.fs.dir}
 	runCtx := ctx
 	if o.duration > 0 {
 		var cancel context.CancelFunc
@@ -134,14 +160,18 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 				}
 				k := o.shard.i + uint64(j)*o.shard.n
 				cs := harness.Generate(harness.CaseSeed(o.seed, k), sp)
-				v := harness.Run(cs)
+				v := harness.RunWith(cs, runOpts)
 				cases.Add(1)
 				points.Add(int64(v.Points))
 				states.Add(int64(v.States))
-				mu.Lock()
+				var sf soakFailure
 				if !v.OK {
 					nfail.Add(1)
-					failures = append(failures, soakFailure{Index: k, ID: cs.ID(), Repro: "crashtest repro " + cs.ID(), Failure: v.Failure})
+					sf = c.soakFailed(k, cs, v, o, runOpts)
+				}
+				mu.Lock()
+				if !v.OK {
+					failures = append(failures, sf)
 				}
 				if o.verbose {
 					res := "ok"
@@ -156,15 +186,25 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 	}
 	done := make(chan struct{})
 	var pwg sync.WaitGroup
+	live := isTerminal(c.stderr)
 	if o.progress > 0 {
+		every := o.progress
+		if live {
+			every = 500 * time.Millisecond
+		}
 		pwg.Add(1)
 		go func() {
 			defer pwg.Done()
-			t := time.NewTicker(o.progress)
+			t := time.NewTicker(every)
 			defer t.Stop()
 			for {
 				select {
 				case <-done:
+					if live {
+						mu.Lock()
+						io.WriteString(c.stderr, "\r\033[K")
+						mu.Unlock()
+					}
 					return
 				case <-t.C:
 				}
@@ -173,9 +213,14 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 				if o.duration > 0 {
 					left = fmt.Sprintf("%v left", max(0, o.duration-el).Round(time.Second))
 				}
-				mu.Lock()
-				fmt.Fprintf(c.stderr, "soak: %d cases, %d states, %.0f states/s, %d failures, %s\n",
+				line := fmt.Sprintf("soak: %d cases, %d states, %.0f states/s, %d failures, %s",
 					cases.Load(), states.Load(), float64(states.Load())/el.Seconds(), nfail.Load(), left)
+				mu.Lock()
+				if live {
+					fmt.Fprintf(c.stderr, "\r\033[K%s", line)
+				} else {
+					fmt.Fprintln(c.stderr, line)
+				}
 				mu.Unlock()
 			}
 		}()
@@ -194,7 +239,7 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 		return 0
 	})
 	sum := soakSummary{
-		Seed: seedStr, Shard: o.shard.String(), Target: sp.Target,
+		Seed: seedStr, Shard: o.shard.String(), Target: sp.Target, Errors: o.errors, FS: o.fs.String(),
 		Cases: cases.Load(), Points: points.Load(), States: states.Load(),
 		ElapsedSeconds: el.Seconds(), StatesPerSec: float64(states.Load()) / el.Seconds(),
 		Interrupted: ctx.Err() != nil, Failures: failures,
@@ -226,6 +271,12 @@ func printSoakSummary(w io.Writer, s soakSummary) {
 		s.Seed, s.Shard, s.Target, s.Cases, s.Points, s.States, s.ElapsedSeconds, s.StatesPerSec, len(s.Failures))
 	for _, f := range s.Failures {
 		fmt.Fprintf(&b, "FAIL case %d: %s\n  %s\n  repro: %s\n", f.Index, f.ID, printable(f.Failure.String()), f.Repro)
+		if f.ShrunkID != "" {
+			fmt.Fprintf(&b, "  shrunk from %d to %d ops: %s\n", f.Ops, f.ShrunkOps, f.ShrunkRepro)
+		}
+		if f.Entry != "" {
+			fmt.Fprintf(&b, "  corpus entry: %s\n", f.Entry)
+		}
 	}
 	io.WriteString(w, b.String())
 }
@@ -324,4 +375,96 @@ func (m modelsFlag) Set(v string) error {
 	}
 	*m.p = out
 	return nil
+}
+
+// soakFailed shrinks a failing case (unless --shrink-runs 0), writes it to
+// --out as a corpus entry with a short text report, and returns its
+// summary line.
+func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOptions, opts harness.Options) soakFailure {
+	sf := soakFailure{Index: k, ID: cs.ID(), Repro: "crashtest repro " + cs.ID(), Failure: v.Failure, Ops: cs.Ops}
+	if o.fs.dir != "" {
+		sf.Repro += " --fs " + o.fs.String()
+	}
+	best, bv := cs, v
+	if o.shrinkRuns > 0 {
+		res, err := harness.Shrink(cs, harness.ShrinkOptions{
+			MaxRuns: o.shrinkRuns,
+			Run:     func(x harness.Case) harness.Verdict { return harness.RunWith(x, opts) },
+		})
+		if err == nil && res.After < res.Before {
+			best, bv = res.Case, res.Verdict
+			sf.ShrunkID, sf.ShrunkOps = best.ID(), res.After
+			sf.ShrunkRepro = "crashtest repro " + best.ID()
+		}
+	}
+	if o.out == "" {
+		return sf
+	}
+	e := harness.Entry{
+		Name:   entryName(cs, v),
+		Case:   best,
+		Expect: bv.Failure.Kind,
+		Explanation: fmt.Sprintf("Found by crashtest soak (case %d, %s; %d ops, shrunk to %d): %s. Expected to fail until the target is fixed; then set expect to \"pass\".",
+			k, cs.ID(), cs.Ops, best.Ops, verdictLine(bv)),
+	}
+	path, err := harness.SaveEntry(o.out, e)
+	if err != nil {
+		fmt.Fprintf(c.stderr, "crashtest: soak: --out: %s\n", oneLine(err.Error()))
+		return sf
+	}
+	sf.Entry = path
+	var rep strings.Builder
+	fmt.Fprintf(&rep, "case %d of the soak: %s\nfailure: %s\n", k, cs.ID(), verdictLine(v))
+	if bv.Failure.Mismatch != "" {
+		fmt.Fprintf(&rep, "sector %d (offset %d): %s\n", bv.Failure.Sector, bv.Failure.Sector*512, bv.Failure.Mismatch)
+	}
+	fmt.Fprintf(&rep, "repro: %s\n", sf.Repro)
+	if sf.ShrunkID != "" {
+		fmt.Fprintf(&rep, "shrunk from %d to %d ops: %s\n", cs.Ops, best.Ops, sf.ShrunkRepro)
+	}
+	fmt.Fprintf(&rep, "corpus entry: %s (crashtest repro -v %s)\n", path, path)
+	if err := os.WriteFile(strings.TrimSuffix(path, ".json")+".txt", []byte(rep.String()), 0o644); err != nil {
+		fmt.Fprintf(c.stderr, "crashtest: soak: --out: %s\n", oneLine(err.Error()))
+	}
+	return sf
+}
+
+// fsFlag is --fs: "mem" or "os:DIR".
+type fsFlag struct{ dir string }
+
+func (f *fsFlag) String() string {
+	if f.dir == "" {
+		return "mem"
+	}
+	return "os:" + f.dir
+}
+
+func (f *fsFlag) Set(v string) error {
+	switch {
+	case v == "mem":
+		f.dir = ""
+	case strings.HasPrefix(v, "os:") && len(v) > 3:
+		st, err := os.Stat(v[3:])
+		if err != nil {
+			return err
+		}
+		if !st.IsDir() {
+			return fmt.Errorf("%s is not a directory", v[3:])
+		}
+		f.dir = v[3:]
+	default:
+		return fmt.Errorf("fs %q: want mem or os:DIR", v)
+	}
+	return nil
+}
+
+// isTerminal reports whether w is a terminal (a live progress line can
+// be redrawn on it).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }
