@@ -11,8 +11,9 @@
 //
 // and, for crash consistency (package harness):
 //
-//	crashtest soak [--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target qcow|qcow-nobarrier] [--json] [-v]
-//	crashtest repro [-v] [--json] CASE-ID
+//	crashtest soak [--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--fs mem|os:DIR] [--out DIR] [--json] [-v]
+//	crashtest repro [-v] [--json] [--shrink] [--save DIR] [--export DIR] [--fs mem|os:DIR] CASE-ID|FILE
+//	crashtest explore [--format v3] [--workload FILE|--seed S] [--model torn] [--max-states N] [--export DIR] [--json]
 //
 // Errors are printed to stderr as one line starting with "crashtest: "
 // (io also prints qemu-io's messages for failed commands on stdout).

@@ -36,7 +36,7 @@ func init() {
 			fs.Var(&o.shard, "shard", "run shard `i/n` of the seed space: case k runs when k mod n = i")
 			fs.Var(listFlag{&o.formats, harness.Formats}, "formats", "comma-separated `FORMATS` to draw from: v1, v2, v3")
 			fs.Var(modelsFlag{&o.models}, "models", "comma-separated persistence `MODELS`: process, lose-unsynced, reorder, torn, prefix, garbage (default all but garbage)")
-			fs.Var(listFlag{&o.target, harness.Targets}, "target", "writer under `TARGET`: qcow, or qcow-nobarrier (deliberately broken: drops every sync)")
+			fs.Var(listFlag{&o.target, harness.Targets}, "target", "writer under `TARGET`: qcow (default), qcow-nobarrier (deliberately broken: drops every sync) or another registered target ("+strings.Join(harness.Targets, ", ")+")")
 			fs.BoolVar(&o.errors, "errors", false, "give every case a seeded fault plan (EIO, ENOSPC, short and torn writes, fsync-drop, crash) and judge the errors verdict too")
 			fs.Var(&o.fs, "fs", "run the cases over `mem` (default) or real files through vfs.OS in temporary directories under DIR (os:DIR)")
 			fs.StringVar(&o.out, "out", "", "write every failure, shrunk, as a corpus entry (NAME.json) and a short report (NAME.txt) into `DIR`")
