@@ -15,6 +15,9 @@ type ShrinkOptions struct {
 	Run func(Case) Verdict
 	// Log, if set, is told about every accepted step, on one line.
 	Log func(string)
+	// Stop, if set, is asked before every candidate run; when it returns
+	// true Shrink returns the smallest failing case found so far.
+	Stop func() bool
 }
 
 // ShrinkResult is what Shrink found.
@@ -66,7 +69,7 @@ func Shrink(c Case, o ShrinkOptions) (ShrinkResult, error) {
 
 	// try runs cand and adopts it when it still fails with kind.
 	try := func(cand Case) bool {
-		if res.Runs >= o.MaxRuns || cand.Validate() != nil {
+		if res.Runs >= o.MaxRuns || (o.Stop != nil && o.Stop()) || cand.Validate() != nil {
 			return false
 		}
 		res.Runs++

@@ -145,6 +145,14 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 		defer cancel()
 	}
 	start := time.Now()
+	// Shrinking goes on after the duration for a grace period (a tenth of
+	// the duration, at least 5 s) so failures found late are shrunk too;
+	// Ctrl-C stops it at once.
+	shrinkStop := func() bool { return ctx.Err() != nil }
+	if o.duration > 0 {
+		end := start.Add(o.duration + max(o.duration/10, 5*time.Second))
+		shrinkStop = func() bool { return ctx.Err() != nil || time.Now().After(end) }
+	}
 	var next, cases, points, states, nfail atomic.Int64
 	var mu sync.Mutex // guards failures and stderr
 	var failures []soakFailure
@@ -167,7 +175,7 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 				var sf soakFailure
 				if !v.OK {
 					nfail.Add(1)
-					sf = c.soakFailed(k, cs, v, o, runOpts)
+					sf = c.soakFailed(k, cs, v, o, runOpts, shrinkStop)
 				}
 				mu.Lock()
 				if !v.OK {
@@ -380,7 +388,7 @@ func (m modelsFlag) Set(v string) error {
 // soakFailed shrinks a failing case (unless --shrink-runs 0), writes it to
 // --out as a corpus entry with a short text report, and returns its
 // summary line.
-func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOptions, opts harness.Options) soakFailure {
+func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOptions, opts harness.Options, stop func() bool) soakFailure {
 	sf := soakFailure{Index: k, ID: cs.ID(), Repro: "crashtest repro " + cs.ID(), Failure: v.Failure, Ops: cs.Ops}
 	if o.fs.dir != "" {
 		sf.Repro += " --fs " + o.fs.String()
@@ -390,6 +398,7 @@ func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOpt
 		res, err := harness.Shrink(cs, harness.ShrinkOptions{
 			MaxRuns: o.shrinkRuns,
 			Run:     func(x harness.Case) harness.Verdict { return harness.RunWith(x, opts) },
+			Stop:    stop,
 		})
 		if err == nil && res.After < res.Before {
 			best, bv = res.Case, res.Verdict
