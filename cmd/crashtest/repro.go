@@ -88,6 +88,8 @@ type reproOutput struct {
 	// ExpectMet says whether the verdict meets it.
 	Expect    string `json:"expect,omitempty"`
 	ExpectMet *bool  `json:"expect_met,omitempty"`
+	// Explanation is the corpus entry's explanation of its expectation.
+	Explanation string `json:"explanation,omitempty"`
 	// Saved is the corpus entry written by --save.
 	Saved string `json:"saved,omitempty"`
 	// Exported counts the crash-state images written by --export.
@@ -107,7 +109,7 @@ func (c *cli) repro(e harness.Entry, o reproOptions) int {
 	opts := harness.Options{Dir: o.fs.dir}
 	runCase := func(cs harness.Case) harness.Verdict { return harness.RunWith(cs, opts) }
 	var b strings.Builder
-	out := reproOutput{Expect: e.Expect}
+	out := reproOutput{Expect: e.Expect, Explanation: e.Explanation}
 	v := runCase(cs)
 	if o.shrink {
 		if v.OK {
@@ -201,6 +203,9 @@ func (c *cli) repro(e harness.Entry, o reproOptions) int {
 			fmt.Fprintf(&b, "corpus entry %s: expect %s: NOT MET\n", e.Name, e.Expect)
 		} else {
 			fmt.Fprintf(&b, "corpus entry %s: expect %s: met\n", e.Name, e.Expect)
+		}
+		if e.Explanation != "" {
+			fmt.Fprintf(&b, "  why: %s\n", printable(e.Explanation))
 		}
 	}
 	if o.export != "" {
