@@ -35,11 +35,15 @@ type Op struct {
 
 // String describes the op on one line.
 func (o Op) String() string {
+	shape := ""
+	if o.Shape != "" {
+		shape = " shape=" + o.Shape
+	}
 	switch o.Kind {
 	case OpWrite:
-		return fmt.Sprintf("write off=%d len=%d shape=%s pattern=%#x", o.Off, o.Len, o.Shape, o.Pattern)
+		return fmt.Sprintf("write off=%d len=%d%s pattern=%#x", o.Off, o.Len, shape, o.Pattern)
 	case OpZero:
-		return fmt.Sprintf("zero off=%d len=%d shape=%s", o.Off, o.Len, o.Shape)
+		return fmt.Sprintf("zero off=%d len=%d%s", o.Off, o.Len, shape)
 	}
 	return string(o.Kind)
 }
