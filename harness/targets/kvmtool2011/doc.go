@@ -7,16 +7,18 @@
 // later) and must never be used to write real images.
 //
 // It depends only on vfs and the standard library: it parses the QCOW
-// version 1 and QCOW2 headers itself, as kvmtool's qcow.c did, and shares
-// no code with package qcow. Its tests use package qcow only to judge what
-// it wrote.
+// version 1 and QCOW2 headers itself and shares no code with package
+// qcow. The parsing follows kvmtool's qcow.c as the patch found it
+// (qcow1_read_header, qcow2_read_header, qcow_read_l1_table, qcow_probe:
+// context, not lines of the patch). Its tests use package qcow only to
+// judge what it wrote.
 //
 // # The write path, as in the patch
 //
-// WriteAt is qcow1_write_sector (lines 183-208): one cluster at a time,
+// WriteAt is qcow1_write_sector (lines 183-209): one cluster at a time,
 // failing with ErrPastEnd as soon as the next cluster's offset is at or
 // past the virtual size (line 195). Each cluster is qcow1_write_cluster
-// (lines 87-181):
+// (lines 80-181):
 //
 //  1. The L1 index must be below the in-core table size, else ErrL1Index
 //     (line 102); the L2 index and in-cluster offset checks (lines 106,
@@ -28,7 +30,7 @@
 //     past the end as an error; preadInFull does the same.
 //  3. Otherwise the file size is captured (line 127); a table of zeros is
 //     written at the end of the file aligned up to a cluster
-//     (qcow1_write_l2_table, lines 47-67) with pwrite + sync_file_range
+//     (qcow1_write_l2_table, lines 48-68) with pwrite + sync_file_range
 //     (pwrite_sync, lines 37-45); then the L1 entry is written in place
 //     with pwrite + sync_file_range (line 138). If that write fails the
 //     file is truncated back to the captured size (line 141) and the
@@ -54,7 +56,7 @@
 // or a size of 0 fails the write as fstat's 0 did. ftruncate is
 // vfs.File.Truncate; its error is joined to the returned error (kvmtool
 // ignored it). Offsets are bytes: kvmtool's entry point took a sector and
-// shifted it (line 192), but the cluster code is byte-granular, so byte
+// shifted it (line 193), but the cluster code is byte-granular, so byte
 // offsets and lengths go through it unchanged and no read-modify-write is
 // added. A write that fails part-way returns the bytes of the clusters
 // written before the failure (kvmtool returned -1).

@@ -67,7 +67,7 @@ func open(f vfs.File, o Options) (*Image, error) {
 func (im *Image) Size() uint64 { return im.h.size }
 
 // WriteAt writes p at byte offset off of the virtual disk, cluster by
-// cluster, as kvmtool's qcow1_write_sector did (patch lines 183-208). It
+// cluster, as kvmtool's qcow1_write_sector did (patch lines 183-209). It
 // returns the number of bytes written before the first error; a cluster
 // at or past the virtual size fails with ErrPastEnd.
 func (im *Image) WriteAt(p []byte, off int64) (int, error) {
@@ -149,7 +149,7 @@ func (im *Image) fsync() error {
 	return nil
 }
 
-// writeSector is qcow1_write_sector (patch lines 183-208) with a byte
+// writeSector is qcow1_write_sector (patch lines 183-209) with a byte
 // offset.
 func (im *Image) writeSector(buf []byte, offset uint64) (int, error) {
 	written := 0
@@ -167,7 +167,7 @@ func (im *Image) writeSector(buf []byte, offset uint64) (int, error) {
 	return written, nil
 }
 
-// writeCluster is qcow1_write_cluster (patch lines 87-181): it writes the
+// writeCluster is qcow1_write_cluster (patch lines 80-181): it writes the
 // part of buf that falls in the cluster holding offset and returns its
 // length.
 func (im *Image) writeCluster(offset uint64, buf []byte) (int, error) {
@@ -241,7 +241,7 @@ func (im *Image) writeCluster(offset uint64, buf []byte) (int, error) {
 	return int(length), nil
 }
 
-// writeL2Table is qcow1_write_l2_table (patch lines 47-67): it writes
+// writeL2Table is qcow1_write_l2_table (patch lines 48-68): it writes
 // table at the end of the file aligned up to a cluster, with pwrite and
 // sync_file_range, and returns its offset.
 func (im *Image) writeL2Table(table []byte) (uint64, error) {
