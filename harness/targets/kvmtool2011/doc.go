@@ -21,8 +21,8 @@
 // (lines 80-181):
 //
 //  1. The L1 index must be below the in-core table size, else ErrL1Index
-//     (line 102); the L2 index and in-cluster offset checks (lines 106,
-//  110. cannot fail and are kept as masks.
+//     (line 102); the checks of the L2 index (line 106) and of the offset
+//     in the cluster (line 110) cannot fail and are kept as masks.
 //  2. The L2 table is read whole with pread_in_full (line 123) when the
 //     L1 entry (flags masked, line 121) is non-zero. pread_in_full treats
 //     a read that hits the end of the file after at least one byte as
@@ -99,18 +99,23 @@
 //
 // # What is not in the patch
 //
-//   - Flush is fsync (vfs.File.Sync), as kvmtool's disk_image__flush did
-//     for a format without its own flush operation.
+//   - Flush is fsync (vfs.File.Sync): the patch predates kvmtool's flush
+//     support, and disk_image__flush, when it came, called fsync for a
+//     format without its own flush operation.
 //   - WriteZeroes writes a buffer of zeros (64 KiB at a time) through the
 //     same path as WriteAt: kvmtool had no zero write, so a guest zeroing
 //     blocks wrote zeros.
 //   - Close closes the file without any sync, as qcow1_disk_close and
-//     disk_image__close did (they freed memory and closed the fd).
+//     disk_image__close did (they freed memory and closed the fd). The
+//     harness cannot see this: it takes no crash point after a close,
+//     which changes nothing on disk, so writes left unsynced by Close are
+//     never judged against the flush a close stands for.
 //   - WriteThrough (Options) fsyncs after every WriteAt and WriteZeroes
 //     call: kvmtool had no write-through mode, and this is what a guest
 //     with a write-through cache would get by flushing after each write.
-//   - Calls are serialized by a mutex; kvmtool's callers were not (its
-//     concurrent writers could race on a new L2 table; not modelled).
+//   - Calls are serialized by a mutex. The patch's code had no locking of
+//     its own (two concurrent writes could both allocate an L2 table for
+//     one L1 entry); that race is not modelled.
 //   - Header checks, additions that only refuse images kvmtool would have
 //     misread or crashed on: the magic and version (1 or 2); the whole
 //     header present; cluster_bits in 9..16 and l2_bits in 6..13 for
