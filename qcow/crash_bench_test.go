@@ -15,6 +15,46 @@ import (
 // disk) of torn-model states of a 64 MiB v3 image after a 1,000-operation
 // workload (writes of 512 B to 64 KiB, zero writes, a flush every 50).
 func BenchmarkCrashCheck(b *testing.B) {
+	bw := benchWorkload(b)
+	w, base, ends, pool, points := bw.w, bw.base, bw.ends, bw.pool, bw.points
+	// One model per crash point, as the harness builds it: the ops'
+	// data made once, the model for a point built when its first state
+	// is checked and shared (Verify does not change it) by the others.
+	data := make([][]byte, len(w.ops))
+	for i, op := range w.ops {
+		if op.kind == "write" {
+			data[i] = crashData(op.n, op.seed)
+		}
+	}
+	var m *model.Disk
+	mPoint := -1
+	b.ResetTimer()
+	for n := 0; n < b.N; n++ {
+		k := n % len(pool)
+		if points[k] != mPoint {
+			m, mPoint = benchModel(w, data, base, ends, points[k]), points[k]
+		}
+		if err := crashVerifyContent(pool[k], -1, func(r io.ReaderAt) error { return m.Verify(r) }); err != nil {
+			b.Fatalf("point %d: %v", points[k], err)
+		}
+	}
+	b.StopTimer()
+	crashStates.Add(int64(b.N))
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "states/s")
+}
+
+// benchCase is the recorded workload of BenchmarkCrashCheck and its pool
+// of crash states.
+type benchCase struct {
+	w      exWorkload
+	base   []byte
+	ends   []int
+	pool   []*faultfs.State
+	points []int
+}
+
+// benchWorkload records the benchmark's workload and draws its states.
+func benchWorkload(b testing.TB) benchCase {
 	const size = 64 << 20
 	r := rand.New(rand.NewPCG(1, 2))
 	w := exWorkload{name: "bench", cfg: crashConfig{version: 3, cs: 64 << 10}, size: size}
@@ -59,30 +99,7 @@ func BenchmarkCrashCheck(b *testing.B) {
 			points = append(points, p.Ops())
 		}
 	}
-	// One model per crash point, as the harness builds it: the ops'
-	// data made once, the model for a point built when its first state
-	// is checked and shared (Verify does not change it) by the others.
-	data := make([][]byte, len(w.ops))
-	for i, op := range w.ops {
-		if op.kind == "write" {
-			data[i] = crashData(op.n, op.seed)
-		}
-	}
-	var m *model.Disk
-	mPoint := -1
-	b.ResetTimer()
-	for n := 0; n < b.N; n++ {
-		k := n % len(pool)
-		if points[k] != mPoint {
-			m, mPoint = benchModel(w, data, base, ends, points[k]), points[k]
-		}
-		if err := crashVerifyContent(pool[k], -1, func(r io.ReaderAt) error { return m.Verify(r) }); err != nil {
-			b.Fatalf("point %d: %v", points[k], err)
-		}
-	}
-	b.StopTimer()
-	crashStates.Add(int64(b.N))
-	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "states/s")
+	return benchCase{w, base, ends, pool, points}
 }
 
 // benchModel is exModel with the ops' data made beforehand.
