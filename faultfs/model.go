@@ -2,6 +2,7 @@ package faultfs
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"iter"
@@ -879,4 +880,60 @@ func (p *Point) Sample(m Model, seed uint64) *State {
 		v = e.uniform(e.rng())
 	}
 	return e.state(v, e.canon(v))
+}
+
+// Changeable returns the byte ranges of the file named name in which two
+// crash states of model m at this point may differ: its pending units and,
+// when its size is pending, the range between its smallest and largest
+// possible sizes. Outside them every state of the point holds the same
+// bytes, so a checker that has judged one state can judge the others by
+// what they may change. The ranges are sorted and do not overlap. ok is
+// false when the name's binding itself is pending (the file may be absent,
+// or another file): then nothing can be assumed. A name that exists in no
+// state has no ranges.
+func (p *Point) Changeable(m Model, name string) (rs []Extent, ok bool) {
+	name = cleanName(name)
+	l := p.layout(m.unit(p.w.cfg))
+	var nl *nameLay
+	for _, x := range l.names {
+		if x.name == name {
+			nl = x
+		}
+	}
+	if nl == nil {
+		return nil, true
+	}
+	if nl.dim >= 0 {
+		return nil, false
+	}
+	fl := l.byID[nl.vers[0]]
+	if fl == nil {
+		return nil, true
+	}
+	units := slices.Clone(fl.units) // unit indexes
+	slices.Sort(units)
+	for _, u := range units {
+		off := u * l.unit
+		if n := len(rs); n > 0 && rs[n-1].Off+rs[n-1].Len >= off {
+			rs[n-1].Len = max(rs[n-1].Len, off+l.unit-rs[n-1].Off)
+			continue
+		}
+		rs = append(rs, Extent{Off: off, Len: l.unit})
+	}
+	if len(fl.sizes) > 1 {
+		lo, hi := slices.Min(fl.sizes), slices.Max(fl.sizes)
+		rs = append(rs, Extent{Off: lo, Len: hi - lo})
+		slices.SortFunc(rs, func(a, b Extent) int { return cmp.Compare(a.Off, b.Off) })
+		merged := rs[:1]
+		for _, r := range rs[1:] {
+			last := &merged[len(merged)-1]
+			if last.Off+last.Len >= r.Off {
+				last.Len = max(last.Len, r.Off+r.Len-last.Off)
+				continue
+			}
+			merged = append(merged, r)
+		}
+		rs = merged
+	}
+	return rs, true
 }

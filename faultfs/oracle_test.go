@@ -229,10 +229,26 @@ func TestOracle(t *testing.T) {
 				rt.Fatalf("lose-unsynced state %s, durable %s", runs(b), runs(o.durable()))
 			}
 			seed++
-			for _, m := range []faultfs.Model{faultfs.Torn, faultfs.Reorder, faultfs.Prefix} {
+			for _, m := range []faultfs.Model{faultfs.Torn, faultfs.Reorder, faultfs.Prefix, faultfs.Garbage} {
+				var first []byte
+				rs, ok := p.Changeable(m, "f")
+				if !ok {
+					rt.Fatalf("%s: the binding of f is pending", m)
+				}
 				for s := range p.States(m, seed, 12) {
-					if err := o.allows(get(s)); err != nil {
-						rt.Fatalf("%v: %v", s, err)
+					b := get(s)
+					if m != faultfs.Garbage {
+						if err := o.allows(b); err != nil {
+							rt.Fatalf("%v: %v", s, err)
+						}
+					}
+					// Outside Changeable every state holds the first's bytes.
+					if first == nil {
+						first = b
+						continue
+					}
+					if err := sameOutside(first, b, rs); err != nil {
+						rt.Fatalf("%s: changeable %v: %v (state %v)", m, rs, err, s)
 					}
 				}
 			}
@@ -368,4 +384,29 @@ func TestOracle(t *testing.T) {
 			}
 		}
 	})
+}
+
+// sameOutside reports where a and b differ outside the ranges rs (a byte
+// beyond a file's end differs from any byte).
+func sameOutside(a, b []byte, rs []faultfs.Extent) error {
+	in := func(i int64) bool {
+		for _, r := range rs {
+			if i >= r.Off && i < r.Off+r.Len {
+				return true
+			}
+		}
+		return false
+	}
+	for i := int64(0); i < int64(max(len(a), len(b))); i++ {
+		if in(i) {
+			continue
+		}
+		if i >= int64(len(a)) || i >= int64(len(b)) {
+			return fmt.Errorf("sizes %d and %d differ at byte %d outside the changeable ranges", len(a), len(b), i)
+		}
+		if a[i] != b[i] {
+			return fmt.Errorf("byte %d differs (%#x, %#x) outside the changeable ranges", i, a[i], b[i])
+		}
+	}
+	return nil
 }
