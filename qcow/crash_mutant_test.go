@@ -9,8 +9,11 @@ package qcow
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
+	"io/fs"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
@@ -346,4 +349,194 @@ func TestCrashMutantRefcountBatches(t *testing.T) {
 		t.Fatal(err)
 	}
 	mutClean(t, ffs)
+}
+
+// TestCrashMutantCreateEdges creates images at the edges of what Create
+// accepts: each opens with the asked geometry and an L1 table of exactly
+// ceil(size / bytes per L2 table) entries, checks clean (no cluster past
+// the end of the file has a refcount), and takes a write of its last
+// sector that reads back after a reopen.
+func TestCrashMutantCreateEdges(t *testing.T) {
+	const kib, mib, gib = 1 << 10, 1 << 20, 1 << 30
+	long := strings.Repeat("b", MaxBackingNameLen)
+	tests := []struct {
+		name     string
+		o        CreateOptions
+		base     int64 // size of the raw backing file to make first (0: none)
+		size     int64 // the virtual size expected
+		cs       int64
+		refBits  int // 0: not QCOW2
+		lazy     bool
+		l1Entrys int64
+	}{
+		{"size 0", CreateOptions{}, 0, 0, 64 * kib, 16, false, 0},
+		{"v2 size 0", CreateOptions{Version: 2, ClusterSize: 512}, 0, 0, 512, 16, false, 0},
+		{"size from the backing file", CreateOptions{BackingFile: "base", ClusterSize: 512}, 3 * mib, 3 * mib, 512, 16, false, 96},
+		{"backing name of the largest length", CreateOptions{Size: mib, BackingFile: long, ClusterSize: 4 * kib}, mib, mib, 4 * kib, 16, false, 1},
+		{"L1 exactly one cluster", CreateOptions{Size: 2 * mib, ClusterSize: 512}, 0, 2 * mib, 512, 16, false, 64},
+		{"L1 one entry into a second cluster", CreateOptions{Size: 2*mib + 512, ClusterSize: 512}, 0, 2*mib + 512, 512, 16, false, 65},
+		{"size a multiple of an L2 table", CreateOptions{Size: 4 * gib, ClusterSize: 64 * kib}, 0, 4 * gib, 64 * kib, 16, false, 8},
+		{"size one sector past an L2 table", CreateOptions{Size: 512*mib + 1}, 0, 512*mib + 512, 64 * kib, 16, false, 2},
+		{"largest clusters", CreateOptions{Size: mib, ClusterSize: 2 * mib}, 0, mib, 2 * mib, 16, false, 1},
+		{"smallest clusters", CreateOptions{Size: mib, ClusterSize: 512}, 0, mib, 512, 16, false, 32},
+		{"64-bit refcounts", CreateOptions{Size: mib, ClusterSize: 512, RefcountBits: 64}, 0, mib, 512, 64, false, 32},
+		// 64 refcounts per block; an L1 table of 128 clusters: 3 blocks.
+		{"three refcount blocks", CreateOptions{Size: 256 * mib, ClusterSize: 512, RefcountBits: 64}, 0, 256 * mib, 512, 64, false, 8192},
+		{"1-bit refcounts", CreateOptions{Size: mib, ClusterSize: 512, RefcountBits: 1}, 0, mib, 512, 1, false, 32},
+		{"v3 lazy refcounts", CreateOptions{Size: mib, LazyRefcounts: true}, 0, mib, 64 * kib, 16, true, 1},
+		{"v1 smallest", CreateOptions{Format: FormatQCOW, Size: 512}, 0, 512, 4 * kib, 0, false, 1},
+		{"v1 largest clusters", CreateOptions{Format: FormatQCOW, Size: mib, ClusterSize: 64 * kib}, 0, mib, 64 * kib, 0, false, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mem := vfs.NewMem()
+			if tt.base > 0 {
+				f, err := mem.Create(tt.o.BackingFile)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := f.Truncate(tt.base); err != nil {
+					t.Fatal(err)
+				}
+				f.Close()
+			}
+			if err := Create(mem, "img", tt.o); err != nil {
+				t.Fatalf("Create(%+v): %v", tt.o, err)
+			}
+			mutClean(t, mem)
+			im, err := Open(mem, "img", &Options{ReadWrite: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			in, err := im.Info()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if im.Size() != tt.size || im.ClusterSize() != tt.cs || in.RefcountBits != tt.refBits ||
+				int64(len(im.l1)) != tt.l1Entrys || in.LazyRefcounts != tt.lazy {
+				t.Fatalf("got size %d, clusters %d, refcount bits %d, L1 entries %d, lazy %v; want %d, %d, %d, %d, %v",
+					im.Size(), im.ClusterSize(), in.RefcountBits, len(im.l1), in.LazyRefcounts,
+					tt.size, tt.cs, tt.refBits, tt.l1Entrys, tt.lazy)
+			}
+			if tt.l1Entrys == 0 && im.h.l1Off != 0 {
+				t.Fatalf("an empty L1 table has offset %#x, want 0 as qemu writes", im.h.l1Off)
+			}
+			if tt.size == 0 {
+				im.Close()
+				return
+			}
+			p := crashData(512, 6)
+			if _, err := im.WriteAt(p, tt.size-512); err != nil {
+				t.Fatal(err)
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			mutClean(t, mem)
+			im, err = Open(mem, "img", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer im.Close()
+			got := make([]byte, 512)
+			if _, err := im.ReadAt(got, tt.size-512); err != nil || !bytes.Equal(got, p) {
+				t.Fatalf("the last sector does not read back: %v", err)
+			}
+		})
+	}
+}
+
+// TestCrashMutantCreateRejects: just past each edge, Create fails with the
+// right error, naming the limit where there is one, and leaves no file.
+func TestCrashMutantCreateRejects(t *testing.T) {
+	const mib = 1 << 20
+	tests := []struct {
+		name string
+		o    CreateOptions
+		want error  // a sentinel, or nil for any error
+		msg  string // the error names this
+	}{
+		{"negative size", CreateOptions{Size: -512}, nil, "negative size"},
+		{"backing name one byte too long", CreateOptions{Size: mib, BackingFile: strings.Repeat("b", MaxBackingNameLen+1)}, ErrLimit, "exceeds 1023"},
+		{"size from a missing backing file", CreateOptions{BackingFile: "missing"}, fs.ErrNotExist, "missing"},
+		{"L1 one entry too many", CreateOptions{Size: (MaxL1Bytes/8 + 1) * 512 * 64, ClusterSize: 512}, ErrLimit, "limit 4194304"},
+		{"clusters of 4 MiB", CreateOptions{Size: mib, ClusterSize: 4 * mib}, nil, "cluster size"},
+		{"clusters not a power of two", CreateOptions{Size: mib, ClusterSize: 3 * 512}, nil, "cluster size"},
+		{"128-bit refcounts", CreateOptions{Size: mib, RefcountBits: 128}, nil, "refcount bits"},
+		{"3-bit refcounts", CreateOptions{Size: mib, RefcountBits: 3}, nil, "refcount bits"},
+		{"v2 lazy refcounts", CreateOptions{Version: 2, Size: mib, LazyRefcounts: true}, ErrUnsupported, "lazy"},
+		{"v1 below a sector", CreateOptions{Format: FormatQCOW, Size: 0}, nil, "at least 512"},
+		{"v1 clusters of 128 KiB", CreateOptions{Format: FormatQCOW, Size: mib, ClusterSize: 128 << 10}, nil, "cluster size"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mem := vfs.NewMem()
+			err := Create(mem, "img", tt.o)
+			if err == nil || tt.want != nil && !errors.Is(err, tt.want) || !strings.Contains(err.Error(), tt.msg) {
+				t.Fatalf("Create(%+v) = %v; want an error wrapping %v that names %q", tt.o, err, tt.want, tt.msg)
+			}
+			if names := mem.Names(); len(names) != 0 {
+				t.Fatalf("files left after a failed Create: %q", names)
+			}
+		})
+	}
+}
+
+// TestCrashMutantLargestL1: Create accepts an L1 table of exactly
+// MaxL1Bytes (laid out without writing its 32 MiB of zeros) and refuses one
+// entry more, for both formats.
+func TestCrashMutantLargestL1(t *testing.T) {
+	const mib = 1 << 20
+	const entries = MaxL1Bytes / 8
+	tests := []struct {
+		name    string
+		o       CreateOptions
+		l1Field int // offset of the L1 size field in the header (QCOW: none)
+		size    int64
+	}{
+		// 2 MiB clusters: an L2 table maps 2^39 bytes.
+		{"v3", CreateOptions{Size: entries << 39, ClusterSize: 2 * mib}, 36, entries << 39},
+		// QCOW 64 KiB clusters: an L2 table maps 2^29 bytes.
+		{"v1", CreateOptions{Format: FormatQCOW, Size: entries << 29, ClusterSize: 64 << 10}, -1, entries << 29},
+	}
+	for _, tt := range tests {
+		img, err := buildImage(vfs.NewMem(), "img", tt.o)
+		if err != nil {
+			t.Fatalf("%s: an L1 table of %d entries: %v", tt.name, entries, err)
+		}
+		hdr := img.parts[0].data
+		if got := int64(binary.BigEndian.Uint64(hdr[24:])); got != tt.size {
+			t.Fatalf("%s: size field %d, want %d", tt.name, got, tt.size)
+		}
+		l1Off := int64(binary.BigEndian.Uint64(hdr[40:]))
+		if tt.l1Field >= 0 {
+			if got := binary.BigEndian.Uint32(hdr[tt.l1Field:]); got != entries {
+				t.Fatalf("%s: l1_size %d, want %d", tt.name, got, entries)
+			}
+		}
+		if want := l1Off + entries*8; img.size < want {
+			t.Fatalf("%s: file of %d bytes, shorter than its L1 table's end %d", tt.name, img.size, want)
+		}
+		o := tt.o
+		o.Size += 1 << 20 // one entry more
+		if _, err := buildImage(vfs.NewMem(), "img", o); !errors.Is(err, ErrLimit) {
+			t.Fatalf("%s: an L1 table of %d entries: %v, want ErrLimit", tt.name, entries+1, err)
+		}
+	}
+}
+
+// TestCrashMutantLog2: log2 is defined for powers of two only.
+func TestCrashMutantLog2(t *testing.T) {
+	tests := []struct {
+		v    int64
+		want int
+	}{
+		{1, 0}, {2, 1}, {512, 9}, {1 << 21, 21}, {1 << 62, 62},
+		{0, -1}, {-1, -1}, {-512, -1}, {3, -1}, {12, -1}, {513, -1}, {1<<21 - 1, -1},
+	}
+	for _, tt := range tests {
+		if got := log2(tt.v); got != tt.want {
+			t.Errorf("log2(%d) = %d, want %d", tt.v, got, tt.want)
+		}
+	}
 }
