@@ -18,6 +18,19 @@
 //
 // which `crashtest repro` accepts, and a JSON form (encoding/json).
 //
+// A trace case (Case.Explicit, made by WithTrace or AsTrace) carries its
+// workload as an explicit op list instead of drawing it from the seed: its
+// ID has version c2 and lists the ops ("w0+512.1,f,z300+100"), and its
+// JSON form holds them. Trace cases are what Shrink produces and what the
+// corpus stores (Entry, SaveEntry, LoadCorpus), so they keep their meaning
+// when workload generation changes. A case may also carry a fault plan
+// (Case.Faults, the faultfs injector DSL) and, for a trace case, setup ops
+// applied before the recorded workload.
+//
+// Run judges a case at the first failure; Explore checks every crash
+// state, counts them per crash point and can export each as image files;
+// Inspect explains one failing state; Shrink reduces a failing case.
+//
 // # Targets
 //
 // A target is the writer under test behind the same interface:
@@ -38,7 +51,12 @@
 // failure. Failure kinds, in the order they are checked:
 //
 //   - "errors": a workload call returned an error although no fault was
-//     injected (the writer failed on its own).
+//     injected (the writer failed on its own); or, with a fault plan, a
+//     call during which a fault fired returned nil, or returned an error
+//     that does not wrap the injected one (faultfs.ErrInjected). After an
+//     injected fault later calls may fail (the writer may refuse writes
+//     after a failure), and the model takes every failed write as leaving
+//     each of its sectors old or new.
 //   - "open": the crash state does not open.
 //   - "check": the image structure is corrupt (qcow.CheckFile reports
 //     corruptions; leaked clusters are allowed after a crash) or cannot be

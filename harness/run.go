@@ -396,6 +396,12 @@ func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
 		}
 		return nil
 	}
+	closed := false
+	defer func() {
+		if !closed {
+			im.Close() // an early failure: release the image (and its lock)
+		}
+	}()
 	for i, op := range r.ops {
 		start := r.tap.len(ffs)
 		r.starts = append(r.starts, start)
@@ -408,6 +414,7 @@ func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
 			err = im.Flush()
 		case OpClose:
 			err = im.Close()
+			closed = true
 		}
 		r.ends = append(r.ends, r.tap.len(ffs))
 		hit := r.tap.faulted(start)
@@ -417,9 +424,6 @@ func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
 		case err == nil:
 			continue
 		case r.c.Faults == "":
-			if op.Kind != OpClose {
-				im.Close()
-			}
 			return fail(i, "op %d (%s) failed with no fault injected: %v", i, op, err)
 		case hit && !errors.Is(err, faultfs.ErrInjected):
 			return fail(i, "op %d (%s): the injected fault gave an error that does not wrap it: %v", i, op, err)
