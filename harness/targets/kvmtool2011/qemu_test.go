@@ -54,6 +54,22 @@ func TestQemuConfirmsFindings(t *testing.T) {
 			io:    []string{"write -P 0xaa 1024 512", "read -P 0xaa 512 512"},
 			ioOut: "read 512/512 bytes at offset 512", ioNotIn: "Pattern verification failed",
 		},
+		{
+			// The failed L1 entry's rollback left L1 entry 0 pointing at
+			// a truncated-away L2 table; qemu's first data cluster lands
+			// on it.
+			entry: "v1-rollback-keeps-l1-entry", checkExit: 63, checkOut: "does not support checks",
+			io:    []string{"write -P 0xaa 0 512", "write -P 0xbb 512 512", "read -P 0xaa 0 512"},
+			ioOut: "Pattern verification failed",
+		},
+		{
+			// The failed L2 entry's rollback left guest cluster 1 naming
+			// the host cluster at the end of the file, as in
+			// v1-data-cluster-past-eof.
+			entry: "v1-rollback-keeps-l2-entry", checkExit: 63, checkOut: "does not support checks",
+			io:    []string{"write -P 0xaa 1024 512", "read -P 0xaa 512 512"},
+			ioOut: "read 512/512 bytes at offset 512", ioNotIn: "Pattern verification failed",
+		},
 		{entry: "v1-backing-not-copied", checkExit: 63, checkOut: "does not support checks", compareOut: "Content mismatch at offset 186368"},
 	}
 	for _, tc := range tests {
