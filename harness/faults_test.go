@@ -4,6 +4,7 @@ import (
 	"errors"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
@@ -46,16 +47,20 @@ func (w swallowWriter) WriteAt(p []byte, off int64) (int, error) {
 }
 func (w swallowWriter) Flush() error { return w.fix(w.Writer.Flush()) }
 
-func init() {
+// registerTestTargets registers the test targets once, from the tests
+// that need them (not from init, which would run before target.go's and
+// put them ahead of TargetQCOW in Targets).
+var registerTestTargets = sync.OnceFunc(func() {
 	register(swallowTarget{"test-swallow"})
 	register(swallowTarget{"test-rewrap"})
-}
+})
 
 // TestErrorsVerdict runs fixed fault plans: the qcow writer passes them
 // all (errors wrap the injected one, the model treats failed ops as
 // failed writes, a crash fails everything after it), and targets that
 // swallow or rewrap errors fail the errors verdict.
 func TestErrorsVerdict(t *testing.T) {
+	registerTestTargets()
 	base := Case{Format: "v3", ClusterSize: 4096, Size: 64 << 10, Model: faultfs.Torn, StatesPerPoint: 8, Target: TargetQCOW, Seed: 3}
 	ops := []Op{
 		{Kind: OpWrite, Off: 0, Len: 4096, Pattern: 1}, {Kind: OpFlush},
