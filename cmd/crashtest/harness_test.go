@@ -94,6 +94,25 @@ func TestSoakOutShrinkSaveRepro(t *testing.T) {
 	if fr := execCLI("repro", file); fr.code != 0 || !strings.Contains(fr.stdout, "PASS") {
 		t.Fatalf("repro of the fixed entry:\n%v", fr)
 	}
+	// Without --shrink, --save still stores a trace with the same verdict.
+	plain := execCLI("repro", "--save", dir, "--name", "unshrunk", orig)
+	e, err = harness.LoadEntry(filepath.Join(dir, "unshrunk.json"))
+	if plain.code != 1 || err != nil || !e.Case.Explicit || e.Case.Ops != sv0ops(t, orig) {
+		t.Fatalf("repro --save without --shrink: %v %+v\n%v", err, e.Case, plain)
+	}
+	if _, err := e.Run(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sv0ops returns the op count of a case ID.
+func sv0ops(t *testing.T, id string) int {
+	t.Helper()
+	cs, err := harness.ParseID(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cs.Ops
 }
 
 // TestSoakShardDeterministic: the same seed and shard run the same cases

@@ -21,7 +21,7 @@ func init() {
 			var o reproOptions
 			fs.BoolVar(&o.verbose, "v", false, "also print the workload ops with the file operations each made, the file operations around the crash point, which pending writes the crash state kept, the checker's findings and the first differing sectors")
 			fs.BoolVar(&o.shrink, "shrink", false, "shrink a failing case to a small trace case that fails the same way, and report that one")
-			fs.StringVar(&o.save, "save", "", "write the (shrunk) case as a corpus entry `DIR`/NAME.json expecting its verdict (e.g. --save corpora/qcow)")
+			fs.StringVar(&o.save, "save", "", "write the (shrunk) case, as a trace case, as a corpus entry `DIR`/NAME.json expecting its verdict (e.g. --save corpora/qcow)")
 			fs.StringVar(&o.name, "name", "", "corpus entry `NAME` for --save (default: from the file, or TARGET-KIND-SEED)")
 			fs.StringVar(&o.export, "export", "", "write every checked crash state (up to the failure) as image files into `DIR`, with the model's expected raw image")
 			fs.Var(&o.fs, "fs", "run over `mem` (default) or real files in a temporary directory under DIR (os:DIR)")
@@ -146,7 +146,9 @@ func (c *cli) repro(e harness.Entry, o reproOptions) int {
 		out.Exported = ex.Exported
 	}
 	if o.save != "" {
-		ne := harness.Entry{Name: o.name, Case: cs, Expect: harness.ExpectPass, Explanation: e.Explanation}
+		// Corpus entries are traces: they keep their meaning when
+		// workload generation changes.
+		ne := harness.Entry{Name: o.name, Case: cs.AsTrace(), Expect: harness.ExpectPass, Explanation: e.Explanation}
 		if !v.OK {
 			ne.Expect = v.Failure.Kind
 		}

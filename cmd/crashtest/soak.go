@@ -409,6 +409,8 @@ func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOpt
 	if o.out == "" {
 		return sf
 	}
+	// Corpus entries are traces, whether or not shrinking got anywhere.
+	best = best.AsTrace()
 	e := harness.Entry{
 		Name:   entryName(cs, v),
 		Case:   best,
