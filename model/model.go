@@ -289,13 +289,23 @@ var zeroSector [SectorSize]byte
 // current ones, and the crash is resolved. If r is a ZeroReporter, ranges it
 // reports as zeros are not read.
 func (d *Disk) Check(r io.ReaderAt) error {
-	return d.scan(r, true)
+	return d.scan(r, true, 0, d.size)
 }
 
 // Verify is Check without the adoption: the model is left unchanged, so one
 // model can judge many images (the crash states of one crash point).
 func (d *Disk) Verify(r io.ReaderAt) error {
-	return d.scan(r, false)
+	return d.scan(r, false, 0, d.size)
+}
+
+// VerifyRange is Verify of the sectors that overlap [off, off+n) only.
+func (d *Disk) VerifyRange(r io.ReaderAt, off, n int64) error {
+	if err := d.checkRange(off, n); err != nil {
+		return err
+	}
+	lo := off &^ (SectorSize - 1)
+	hi := min(d.size, (off+n+SectorSize-1)&^(SectorSize-1))
+	return d.scan(r, false, lo, hi)
 }
 
 // observation is a value seen in a touched sector, for the adoption.
@@ -304,19 +314,20 @@ type observation struct {
 	v []byte // one of the sector's allowed values (never modified)
 }
 
-// scan verifies every sector of the disk against r, adopting the observed
-// values when adopt is set and the scan succeeds.
-func (d *Disk) scan(r io.ReaderAt, adopt bool) error {
+// scan verifies the sectors of [lo, hi) (lo a sector boundary, hi one or
+// the disk's end) against r, adopting the observed values when adopt is set
+// and the scan succeeds.
+func (d *Disk) scan(r io.ReaderAt, adopt bool, lo, hi int64) error {
 	const chunk = 1 << 20
 	zr, _ := r.(ZeroReporter)
-	buf := make([]byte, min(chunk, d.size))
+	buf := make([]byte, min(chunk, hi-lo))
 	var baseBuf []byte
 	if d.base != nil {
 		baseBuf = make([]byte, len(buf))
 	}
 	var observed []observation
-	for off := int64(0); off < d.size; {
-		n := min(chunk, d.size-off)
+	for off := lo; off < hi; {
+		n := min(chunk, hi-off)
 		if zr != nil {
 			l, zero, err := zr.BlockStatus(off, n)
 			if err != nil {
@@ -325,7 +336,7 @@ func (d *Disk) scan(r io.ReaderAt, adopt bool) error {
 			if l <= 0 || l > n {
 				return fmt.Errorf("model: block status of the image at %d: length %d outside (0, %d]", off, l, n)
 			}
-			if off+l < d.size {
+			if off+l < hi {
 				l &^= SectorSize - 1 // whole sectors only; a partial one is read
 			}
 			if zero && l > 0 {
@@ -338,7 +349,7 @@ func (d *Disk) scan(r io.ReaderAt, adopt bool) error {
 			if l > 0 {
 				n = l
 			} else {
-				n = min(SectorSize, d.size-off)
+				n = min(SectorSize, hi-off)
 			}
 		}
 		got, err := r.ReadAt(buf[:n], off)

@@ -231,3 +231,39 @@ func TestVerifyAndZeroRanges(t *testing.T) {
 		})
 	}
 }
+
+// TestVerifyRange judges only the sectors that overlap the range.
+func TestVerifyRange(t *testing.T) {
+	d := New(4096+100, nil)
+	d.Write(fill(512, 1), 1024)
+	image := make([]byte, 4096+100)
+	copy(image[1024:], fill(512, 1))
+	image[100] = 7      // sector 0: wrong
+	image[4096+50] = 7  // sector 8 (partial): wrong
+	image[1024+511] = 9 // sector 2: wrong
+	tests := []struct {
+		off, n int64
+		bad    int64 // first bad sector, -1 for none
+	}{
+		{512, 512, -1},
+		{1024, 0, -1},
+		{1023, 2, 2},
+		{600, 3000, 2},
+		{1536, 2560, -1},
+		{4096, 100, 8},
+		{0, 1, 0},
+	}
+	for _, tc := range tests {
+		err := d.VerifyRange(img(image), tc.off, tc.n)
+		var me *MismatchError
+		switch {
+		case tc.bad < 0 && err != nil:
+			t.Errorf("VerifyRange(%d, %d) = %v, want nil", tc.off, tc.n, err)
+		case tc.bad >= 0 && (!errors.As(err, &me) || me.Sector != tc.bad):
+			t.Errorf("VerifyRange(%d, %d) = %v, want a mismatch at sector %d", tc.off, tc.n, err, tc.bad)
+		}
+	}
+	if err := d.VerifyRange(img(image), 4000, 200); !errors.Is(err, ErrRange) {
+		t.Errorf("VerifyRange past the end = %v, want ErrRange", err)
+	}
+}

@@ -1,7 +1,6 @@
 package qcow
 
 import (
-	"io"
 	"math/rand/v2"
 	"testing"
 
@@ -26,19 +25,26 @@ func BenchmarkCrashCheck(b *testing.B) {
 			data[i] = crashData(op.n, op.seed)
 		}
 	}
-	var m *model.Disk
+	var v *diffVerifier
 	mPoint := -1
+	whole, partial := 0, 0
 	b.ResetTimer()
 	for n := 0; n < b.N; n++ {
 		k := n % len(pool)
-		if points[k] != mPoint {
-			m, mPoint = benchModel(w, data, base, ends, points[k]), points[k]
+		if points[k] != mPoint || k == 0 {
+			if v != nil {
+				whole, partial = whole+v.whole_, partial+v.partial
+			}
+			m := benchModel(w, data, base, ends, points[k])
+			v, mPoint = newDiffVerifier(bw.pts[k], faultfs.Torn, m, pool[k].Names()), points[k]
 		}
-		if err := crashVerifyContent(pool[k], -1, func(r io.ReaderAt) error { return m.Verify(r) }); err != nil {
+		if err := crashVerifyContent(pool[k], -1, v.content); err != nil {
 			b.Fatalf("point %d: %v", points[k], err)
 		}
 	}
 	b.StopTimer()
+	whole, partial = whole+v.whole_, partial+v.partial
+	b.ReportMetric(float64(partial)/float64(whole+partial), "diff-fraction")
 	crashStates.Add(int64(b.N))
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "states/s")
 }
@@ -51,6 +57,7 @@ type benchCase struct {
 	ends   []int
 	pool   []*faultfs.State
 	points []int
+	pts    []*faultfs.Point // pts[k] is the point of pool[k]
 }
 
 // benchWorkload records the benchmark's workload and draws its states.
@@ -89,6 +96,7 @@ func benchWorkload(b testing.TB) benchCase {
 	// A pool of states from every 16th crash point, 8 each.
 	var pool []*faultfs.State
 	var points []int
+	var pts []*faultfs.Point
 	i := 0
 	for p := range ffs.Recording().Points() {
 		if i++; i%16 != 0 {
@@ -97,9 +105,10 @@ func benchWorkload(b testing.TB) benchCase {
 		for st := range p.States(faultfs.Torn, 1, 8) {
 			pool = append(pool, st)
 			points = append(points, p.Ops())
+			pts = append(pts, p)
 		}
 	}
-	return benchCase{w, base, ends, pool, points}
+	return benchCase{w, base, ends, pool, points, pts}
 }
 
 // benchModel is exModel with the ops' data made beforehand.

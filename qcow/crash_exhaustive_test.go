@@ -309,10 +309,15 @@ func exRun(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap func(vfs
 	seed := faultfs.SubSeed(1, w.id())
 	states := 0
 	for p := range ffs.Recording().Points() {
+		// One model per point, judged by difference (diffVerifier).
+		var v *diffVerifier
 		for st := range p.States(faultfs.Torn, seed, limit) {
 			states++
 			crashStates.Add(1)
-			if err := crashVerify(st, exModel(w, base, ends, p.Ops()), -1); err != nil {
+			if v == nil {
+				v = newDiffVerifier(p, faultfs.Torn, exModel(w, base, ends, p.Ops()), st.Names())
+			}
+			if err := crashVerifyContent(st, -1, v.content); err != nil {
 				return states, fmt.Errorf("%s:model=torn:seed=%d:point=%d:state=%d: %w\n\tstate: %s", w.id(), seed, p.Ops(), st.Index(), err, st)
 			}
 		}
