@@ -68,6 +68,10 @@ type Case struct {
 	// starts: it shapes the image (fills it, grows its tables) and is not
 	// crash-checked. Trace cases only.
 	Setup string `json:"-"`
+	// Image names a recipe for the image the workload starts from instead
+	// of a fresh qcow.Create (trace cases only): ImageQemuCompressed. Empty:
+	// a fresh image.
+	Image string `json:"image,omitempty"`
 	// Faults is the fault plan: a faultfs injector in its DSL (see
 	// faultfs.ParseInjector), consulted before every file operation of the
 	// recorded workload. Empty: no faults.
@@ -194,6 +198,9 @@ func (c Case) ID() string {
 	if c.Explicit && c.Setup != "" {
 		id += ":pre=" + c.Setup
 	}
+	if c.Explicit && c.Image != "" {
+		id += ":img=" + c.Image
+	}
 	if c.Faults != "" {
 		id += ":f=" + base64.RawURLEncoding.EncodeToString([]byte(c.Faults))
 	}
@@ -258,6 +265,12 @@ func ParseID(id string) (Case, error) {
 			if _, err = DecodeOps(v); err == nil {
 				c.Setup = v
 			}
+		case "img":
+			if !c.Explicit {
+				err = fmt.Errorf("only %s IDs have an image recipe", TraceIDVersion)
+				break
+			}
+			c.Image = v
 		case "f":
 			var b []byte
 			if b, err = base64.RawURLEncoding.DecodeString(v); err == nil {
@@ -344,8 +357,13 @@ func (c Case) Validate() error {
 				return bad("op %s ends beyond the %d-byte disk", o, c.Size)
 			}
 		}
-	} else if c.Trace != "" || c.Setup != "" {
-		return bad("trace or setup ops in a seed-generated case")
+	} else if c.Trace != "" || c.Setup != "" || c.Image != "" {
+		return bad("trace, setup ops or image recipe in a seed-generated case")
+	}
+	if c.Image != "" {
+		if err := c.validImage(); err != nil {
+			return bad("%v", err)
+		}
 	}
 	if c.Faults != "" {
 		if _, err := faultfs.ParseInjector(c.Faults); err != nil {

@@ -28,6 +28,10 @@ func TestIDRoundTrip(t *testing.T) {
 			c = c.AsTrace()
 			c.Setup = "w0+512.ff,f,z512+1024"
 			cases = append(cases, c)
+			if c.Format != "v1" && !c.Backing {
+				c.Image = ImageQemuCompressed
+				cases = append(cases, c)
+			}
 		}
 	}
 	cases = append(cases, cases[0].WithTrace(nil))
@@ -112,6 +116,10 @@ func TestParseIDErrors(t *testing.T) {
 		{"c2:v3:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=w4000+512.1:spp=8:t=qcow:seed=1", "beyond"},
 		{"c2:v3:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=f:spp=8:t=qcow:seed=1:pre=w0+0.1", "want wOFF+LEN"},
 		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:pre=f", "only c2"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:img=qemu-compressed", "only c2"},
+		{"c2:v3:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=f:spp=8:t=qcow:seed=1:img=cloud", "image recipe"},
+		{"c2:v1:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=f:spp=8:t=qcow:seed=1:img=qemu-compressed", "v2 or v3"},
+		{"c2:v3:cs=4096:sz=4096:b=1:m=torn:wt=0:ops=f:spp=8:t=qcow:seed=1:img=qemu-compressed", "without a backing"},
 		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:f=!!", "illegal base64"},
 		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:f=KHJ1bGU", "fault plan"},
 		{"c1:v4:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=1", "format"},

@@ -287,6 +287,15 @@ func Record(c Case) (*Trace, error) {
 // setup creates the backing file and the image in mem, durably.
 func (r *run) setup(mem vfs.FS) error {
 	c := r.c
+	if c.Image != "" {
+		if err := r.buildImage(mem); err != nil {
+			return err
+		}
+		if c.Setup == "" {
+			return nil
+		}
+		return r.applySetup(mem)
+	}
 	o := qcow.CreateOptions{Format: qcow.FormatQCOW2, Size: c.Size, ClusterSize: c.ClusterSize}
 	switch c.Format {
 	case "v1":
