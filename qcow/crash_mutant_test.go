@@ -368,24 +368,34 @@ func TestCrashMutantCreateEdges(t *testing.T) {
 		refBits  int // 0: not QCOW2
 		lazy     bool
 		l1Entrys int64
+		features int    // feature name table entries expected in the header
+		bfmt     string // backing format expected
 	}{
-		{"size 0", CreateOptions{}, 0, 0, 64 * kib, 16, false, 0},
-		{"v2 size 0", CreateOptions{Version: 2, ClusterSize: 512}, 0, 0, 512, 16, false, 0},
-		{"size from the backing file", CreateOptions{BackingFile: "base", ClusterSize: 512}, 3 * mib, 3 * mib, 512, 16, false, 96},
-		{"backing name of the largest length", CreateOptions{Size: mib, BackingFile: long, ClusterSize: 4 * kib}, mib, mib, 4 * kib, 16, false, 1},
-		{"L1 exactly one cluster", CreateOptions{Size: 2 * mib, ClusterSize: 512}, 0, 2 * mib, 512, 16, false, 64},
-		{"L1 one entry into a second cluster", CreateOptions{Size: 2*mib + 512, ClusterSize: 512}, 0, 2*mib + 512, 512, 16, false, 65},
-		{"size a multiple of an L2 table", CreateOptions{Size: 4 * gib, ClusterSize: 64 * kib}, 0, 4 * gib, 64 * kib, 16, false, 8},
-		{"size one sector past an L2 table", CreateOptions{Size: 512*mib + 1}, 0, 512*mib + 512, 64 * kib, 16, false, 2},
-		{"largest clusters", CreateOptions{Size: mib, ClusterSize: 2 * mib}, 0, mib, 2 * mib, 16, false, 1},
-		{"smallest clusters", CreateOptions{Size: mib, ClusterSize: 512}, 0, mib, 512, 16, false, 32},
-		{"64-bit refcounts", CreateOptions{Size: mib, ClusterSize: 512, RefcountBits: 64}, 0, mib, 512, 64, false, 32},
+		{"size 0", CreateOptions{}, 0, 0, 64 * kib, 16, false, 0, len(featureTable), ""},
+		{"v2 size 0", CreateOptions{Version: 2, ClusterSize: 512}, 0, 0, 512, 16, false, 0, 0, ""},
+		{"size from the backing file", CreateOptions{BackingFile: "base", ClusterSize: 512}, 3 * mib, 3 * mib, 512, 16, false, 96, 0, ""},
+		{"backing name of the largest length", CreateOptions{Size: mib, BackingFile: long, ClusterSize: 4 * kib}, mib, mib, 4 * kib, 16, false, 1, 0, ""},
+		{"L1 exactly one cluster", CreateOptions{Size: 2 * mib, ClusterSize: 512}, 0, 2 * mib, 512, 16, false, 64, 0, ""},
+		{"L1 one entry into a second cluster", CreateOptions{Size: 2*mib + 512, ClusterSize: 512}, 0, 2*mib + 512, 512, 16, false, 65, 0, ""},
+		{"size a multiple of an L2 table", CreateOptions{Size: 4 * gib, ClusterSize: 64 * kib}, 0, 4 * gib, 64 * kib, 16, false, 8, len(featureTable), ""},
+		{"size one sector past an L2 table", CreateOptions{Size: 512*mib + 1}, 0, 512*mib + 512, 64 * kib, 16, false, 2, len(featureTable), ""},
+		{"largest clusters", CreateOptions{Size: mib, ClusterSize: 2 * mib}, 0, mib, 2 * mib, 16, false, 1, len(featureTable), ""},
+		{"smallest clusters", CreateOptions{Size: mib, ClusterSize: 512}, 0, mib, 512, 16, false, 32, 0, ""},
+		{"64-bit refcounts", CreateOptions{Size: mib, ClusterSize: 512, RefcountBits: 64}, 0, mib, 512, 64, false, 32, 0, ""},
 		// 64 refcounts per block; an L1 table of 128 clusters: 3 blocks.
-		{"three refcount blocks", CreateOptions{Size: 256 * mib, ClusterSize: 512, RefcountBits: 64}, 0, 256 * mib, 512, 64, false, 8192},
-		{"1-bit refcounts", CreateOptions{Size: mib, ClusterSize: 512, RefcountBits: 1}, 0, mib, 512, 1, false, 32},
-		{"v3 lazy refcounts", CreateOptions{Size: mib, LazyRefcounts: true}, 0, mib, 64 * kib, 16, true, 1},
-		{"v1 smallest", CreateOptions{Format: FormatQCOW, Size: 512}, 0, 512, 4 * kib, 0, false, 1},
-		{"v1 largest clusters", CreateOptions{Format: FormatQCOW, Size: mib, ClusterSize: 64 * kib}, 0, mib, 64 * kib, 0, false, 1},
+		{"three refcount blocks", CreateOptions{Size: 256 * mib, ClusterSize: 512, RefcountBits: 64}, 0, 256 * mib, 512, 64, false, 8192, 0, ""},
+		{"1-bit refcounts", CreateOptions{Size: mib, ClusterSize: 512, RefcountBits: 1}, 0, mib, 512, 1, false, 32, 0, ""},
+		{"v3 lazy refcounts", CreateOptions{Size: mib, LazyRefcounts: true}, 0, mib, 64 * kib, 16, true, 1, len(featureTable), ""},
+		{"v1 smallest", CreateOptions{Format: FormatQCOW, Size: 512}, 0, 512, 4 * kib, 0, false, 1, 0, ""},
+		{"v1 largest clusters", CreateOptions{Format: FormatQCOW, Size: mib, ClusterSize: 64 * kib}, 0, mib, 64 * kib, 0, false, 1, 0, ""},
+		// Like qemu: a feature name table for version 3 above 4 KiB clusters.
+		{"v3 feature table", CreateOptions{Size: mib, ClusterSize: 8 * kib}, 0, mib, 8 * kib, 16, false, 1, len(featureTable), ""},
+		{"v3 no feature table at 4 KiB", CreateOptions{Size: mib, ClusterSize: 4 * kib}, 0, mib, 4 * kib, 16, false, 1, 0, ""},
+		{"v2 no feature table", CreateOptions{Version: 2, Size: mib, ClusterSize: 8 * kib}, 0, mib, 8 * kib, 16, false, 1, 0, ""},
+		{"backing format recorded", CreateOptions{Size: mib, ClusterSize: 512, BackingFile: "base", BackingFormat: "raw"}, mib, mib, 512, 16, false, 32, 0, "raw"},
+		// 112 header bytes and the 8-byte end of extensions: a name of 392
+		// bytes ends exactly at the end of the 512-byte header cluster.
+		{"backing name filling the header cluster", CreateOptions{Size: mib, ClusterSize: 512, BackingFile: strings.Repeat("f", 392)}, mib, mib, 512, 16, false, 32, 0, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -417,6 +427,9 @@ func TestCrashMutantCreateEdges(t *testing.T) {
 				t.Fatalf("got size %d, clusters %d, refcount bits %d, L1 entries %d, lazy %v; want %d, %d, %d, %d, %v",
 					im.Size(), im.ClusterSize(), in.RefcountBits, len(im.l1), in.LazyRefcounts,
 					tt.size, tt.cs, tt.refBits, tt.l1Entrys, tt.lazy)
+			}
+			if len(im.h.features) != tt.features || in.BackingFormat != tt.bfmt {
+				t.Fatalf("%d feature names, backing format %q; want %d, %q", len(im.h.features), in.BackingFormat, tt.features, tt.bfmt)
 			}
 			if tt.l1Entrys == 0 && im.h.l1Off != 0 {
 				t.Fatalf("an empty L1 table has offset %#x, want 0 as qemu writes", im.h.l1Off)
@@ -466,6 +479,8 @@ func TestCrashMutantCreateRejects(t *testing.T) {
 		{"3-bit refcounts", CreateOptions{Size: mib, RefcountBits: 3}, nil, "refcount bits"},
 		{"v2 lazy refcounts", CreateOptions{Version: 2, Size: mib, LazyRefcounts: true}, ErrUnsupported, "lazy"},
 		{"v1 below a sector", CreateOptions{Format: FormatQCOW, Size: 0}, nil, "at least 512"},
+		{"backing name one byte past the header cluster", CreateOptions{Size: mib, ClusterSize: 512, BackingFile: strings.Repeat("f", 393)}, nil, "does not fit"},
+		{"v1 L1 one entry too many", CreateOptions{Format: FormatQCOW, Size: (MaxL1Bytes/8 + 1) << 29, ClusterSize: 64 << 10}, ErrLimit, "limit 4194304"},
 		{"v1 clusters of 128 KiB", CreateOptions{Format: FormatQCOW, Size: mib, ClusterSize: 128 << 10}, nil, "cluster size"},
 	}
 	for _, tt := range tests {
@@ -537,6 +552,66 @@ func TestCrashMutantLog2(t *testing.T) {
 	for _, tt := range tests {
 		if got := log2(tt.v); got != tt.want {
 			t.Errorf("log2(%d) = %d, want %d", tt.v, got, tt.want)
+		}
+	}
+}
+
+// mutNoRename hides the vfs.Renamer of a file system and logs the
+// directory syncs and renames of the one it wraps.
+type mutNoRename struct {
+	vfs.FS
+	log *[]string
+}
+
+func (m mutNoRename) SyncDir(dir string) error {
+	*m.log = append(*m.log, "syncdir "+dir)
+	return m.FS.SyncDir(dir)
+}
+
+// mutRenamer logs the renames and directory syncs of a MemFS.
+type mutRenamer struct {
+	*vfs.MemFS
+	log *[]string
+}
+
+func (m mutRenamer) Rename(oldname, newname string) error {
+	*m.log = append(*m.log, "rename "+newname)
+	return m.MemFS.Rename(oldname, newname)
+}
+
+func (m mutRenamer) SyncDir(dir string) error {
+	*m.log = append(*m.log, "syncdir "+dir)
+	return m.MemFS.SyncDir(dir)
+}
+
+// TestCrashMutantCreateFinishes: Create over a file system without rename
+// (magic written last) and over one with rename (temporary file renamed)
+// leaves exactly the image, complete and clean, and syncs its directory
+// after the rename.
+func TestCrashMutantCreateFinishes(t *testing.T) {
+	for _, rename := range []bool{false, true} {
+		var log []string
+		mem := vfs.NewMem()
+		var fsys vfs.FS = mutNoRename{mem, &log}
+		if rename {
+			fsys = mutRenamer{mem, &log}
+		}
+		if err := Create(fsys, "d/img", CreateOptions{Size: 1 << 20, ClusterSize: 512}); err != nil {
+			t.Fatalf("rename=%v: %v", rename, err)
+		}
+		if names := mem.Names(); len(names) != 1 || names[0] != "d/img" {
+			t.Fatalf("rename=%v: files after Create: %q, want just d/img", rename, names)
+		}
+		res, err := CheckFile(mem, "d/img", "")
+		if err != nil || res.Corruptions+res.Leaks+res.CheckErrors != 0 {
+			t.Fatalf("rename=%v: the new image does not check clean: %v %+v", rename, err, res)
+		}
+		want := []string{"syncdir d"}
+		if rename {
+			want = []string{"rename d/img", "syncdir d"}
+		}
+		if !slices.Equal(log, want) {
+			t.Fatalf("rename=%v: renames and directory syncs %q, want %q", rename, log, want)
 		}
 	}
 }
