@@ -11,12 +11,14 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io/fs"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
+	"github.com/qcowcrash/qcowcrash/internal/hostile"
 	"github.com/qcowcrash/qcowcrash/vfs"
 )
 
@@ -613,5 +615,127 @@ func TestCrashMutantCreateFinishes(t *testing.T) {
 		if !slices.Equal(log, want) {
 			t.Fatalf("rename=%v: renames and directory syncs %q, want %q", rename, log, want)
 		}
+	}
+}
+
+// builtWorkload is an exhaustive crash workload over one of the images
+// package hostile builds in Go (no qemu needed): compressed clusters,
+// clusters shared with an internal snapshot, zero clusters, refcounts of 1,
+// 8 and 64 bits, QCOW version 1, backing chains. It writes into every
+// compressed and zero cluster and into data clusters (in place, or
+// copy-on-write when a snapshot shares them), zeroes a data cluster, and
+// writes across the last cluster boundary of the disk.
+func builtWorkload(b *hostile.Base) exWorkload {
+	l := b.Built.Layout
+	cs, size := l.ClusterSize, int64(len(b.Raw))
+	var data, comp, zero []int64
+	for k := range l.Entry {
+		_, isData := l.Host[k]
+		_, isComp := l.CompOff[k]
+		switch {
+		case isData:
+			data = append(data, k)
+		case isComp:
+			comp = append(comp, k)
+		case b.Version == 3:
+			zero = append(zero, k)
+		}
+	}
+	if b.Version == 1 {
+		data, comp = nil, nil
+		for k := range l.Host {
+			data = append(data, k)
+		}
+		for k := range l.CompOff {
+			comp = append(comp, k)
+		}
+	}
+	slices.Sort(data)
+	slices.Sort(comp)
+	slices.Sort(zero)
+	var ops []exOp
+	seed := uint64(1)
+	write := func(off, n int64) {
+		ops = append(ops, exOp{kind: "write", off: off, n: n, seed: seed})
+		seed++
+	}
+	for i, k := range comp {
+		if i%2 == 0 {
+			write(k*cs+cs/4, cs/2)
+		} else {
+			write(k*cs, cs) // a whole cluster: nothing to read
+		}
+	}
+	for _, k := range zero {
+		write(k*cs+cs-100, 100)
+	}
+	for _, k := range data[:min(2, len(data))] {
+		write(k*cs+10, 100)
+	}
+	ops = append(ops, exOp{kind: "flush"})
+	if len(data) > 0 {
+		ops = append(ops, exOp{kind: "zero", off: data[len(data)-1] * cs, n: cs})
+	}
+	write(size-cs-100, cs+100)
+	ops = append(ops, exOp{kind: "flush"})
+	backing := false
+	for name := range b.Files {
+		backing = backing || name != b.Main
+	}
+	return exWorkload{
+		name: "built-" + b.Name,
+		cfg:  crashConfig{version: b.Version, cs: cs, backing: backing},
+		size: size,
+		ops:  ops,
+		prepare: func(t testing.TB) (*vfs.MemFS, []byte) {
+			mem := vfs.NewMem()
+			for name, content := range b.Files {
+				if name == b.Main {
+					name = "img"
+				}
+				f, err := mem.Create(name)
+				if err == nil {
+					_, err = f.WriteAt(content, 0)
+				}
+				if err == nil {
+					err = f.Close()
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			return mem, b.Raw
+		},
+	}
+}
+
+// TestCrashBuiltImages runs builtWorkload over every writable image of
+// package hostile and checks every crash state of the torn model, as
+// TestCrashExhaustive does.
+func TestCrashBuiltImages(t *testing.T) {
+	limit := crashLimit(t)
+	n := 0
+	for _, b := range hostile.Bases() {
+		if b.Name == "v3-extl2" {
+			continue // extended L2 images are read-only
+		}
+		n++
+		for _, through := range []bool{false, true} {
+			w := builtWorkload(b)
+			w.through = through
+			t.Run(fmt.Sprintf("%s/wt=%d", b.Name, crashB2i(through)), func(t *testing.T) {
+				t.Parallel()
+				states, err := exRun(t, w, limit, 0, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if states < 10 {
+					t.Fatalf("%s: only %d crash states", w.id(), states)
+				}
+			})
+		}
+	}
+	if n < 8 {
+		t.Fatalf("only %d built images", n)
 	}
 }
