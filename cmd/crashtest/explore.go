@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"strings"
 
@@ -22,7 +23,7 @@ func init() {
 			var o exploreOptions
 			fs.StringVar(&o.format, "format", "v3", "image `FORMAT` for --seed or an ops file: v1, v2 or v3")
 			fs.StringVar(&o.workload, "workload", "", "the workload: a corpus entry or case JSON `FILE`, or a text file of ops (one per line: write OFF LEN [PATTERN], zero OFF LEN, flush; # comments)")
-			fs.Var(seedFlag{&o.seed}, "seed", "draw the workload from case `SEED` (as soak does) instead of --workload")
+			fs.Var(seedFlag{&o.seed}, "seed", "draw the workload from case `SEED` (as soak does) instead of --workload; 0 or neither picks one (printed in the case ID)")
 			fs.StringVar(&o.model, "model", "torn", "persistence `MODEL`: process, lose-unsynced, reorder, torn, prefix, garbage")
 			fs.IntVar(&o.maxStates, "max-states", 0, "stop after `N` crash states in all (0: no limit)")
 			fs.IntVar(&o.spp, "states-per-point", harness.MaxStatesPerPoint, "enumerate every crash state of a point when it has at most `N`, else a seeded sample of N")
@@ -39,8 +40,11 @@ func init() {
 				}
 				set := map[string]bool{}
 				fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-				if set["workload"] == set["seed"] {
-					return c.usageError(commands["explore"], "give exactly one of --workload FILE and --seed S")
+				if set["workload"] && set["seed"] {
+					return c.usageError(commands["explore"], "give one of --workload FILE and --seed S, not both")
+				}
+				if !set["workload"] && (!set["seed"] || o.seed == 0) {
+					o.seed, set["seed"] = rand.Uint64()|1, true // printed in the case ID
 				}
 				if o.spp < 1 || o.spp > harness.MaxStatesPerPoint || o.maxStates < 0 {
 					return c.usageError(commands["explore"], "--states-per-point wants 1..%d and --max-states at least 0", harness.MaxStatesPerPoint)

@@ -287,15 +287,17 @@ func TestExplore(t *testing.T) {
 	if sum != out.Verdict.States {
 		t.Errorf("points add up to %d states, verdict says %d", sum, out.Verdict.States)
 	}
-	if s := execCLI("explore", "--seed", "9", "--format", "v1", "--model", "lose-unsynced"); s.code != 0 || !strings.Contains(s.stdout, ":v1:") || !strings.Contains(s.stdout, "m=lose-unsynced") {
+	if s := execCLI("explore", "--seed", "9", "--format", "v1", "--model", "lose-unsynced"); s.code != 0 || !strings.Contains(s.stdout, ":v1:") || !strings.Contains(s.stdout, "m=lose-unsynced") || !strings.Contains(s.stdout, "seed=0x9\n") {
 		t.Fatalf("explore --seed:\n%v", s)
+	}
+	if s := execCLI("explore", "--model", "process"); s.code != 0 || !regexp.MustCompile(`case: c1:v3:.*:seed=0x[0-9a-f]+\n`).MatchString(s.stdout) {
+		t.Fatalf("explore with no workload (a random seed):\n%v", s)
 	}
 	for _, tc := range []struct {
 		args []string
 		want string
 	}{
-		{[]string{"explore"}, "exactly one of"},
-		{[]string{"explore", "--seed", "1", "--workload", ops}, "exactly one of"},
+		{[]string{"explore", "--seed", "1", "--workload", ops}, "not both"},
 		{[]string{"explore", "--seed", "1", "--states-per-point", "0"}, "states-per-point"},
 		{[]string{"explore", "--seed", "1", "--model", "wobbly"}, "wobbly"},
 		{[]string{"explore", "--workload", "/nonexistent"}, "nonexistent"},
