@@ -95,18 +95,18 @@ func Explore(c Case, o ExploreOptions) (*Exploration, error) {
 	statesSeed := faultfs.SubSeed(c.Seed, "states")
 	exportedBase := false
 points:
-	for p := range rec.Points() {
+	for p, n := range r.crashTimes(rec) {
 		ex.Verdict.Points++
-		pc := PointCount{Point: p.Ops(), Op: r.inFlight(p.Ops())}
+		pc := PointCount{Point: n, Op: r.inFlight(n)}
 		for s := range p.States(c.Model, statesSeed, c.StatesPerPoint) {
 			if o.MaxStates > 0 && ex.Verdict.States >= o.MaxStates {
 				ex.Truncated = true
 				ex.Points = append(ex.Points, pc)
 				break points
 			}
-			res := StateResult{Point: p.Ops(), Op: pc.Op, Index: s.Index(), Key: s.Key()}
+			res := StateResult{Point: n, Op: pc.Op, Index: s.Index(), Key: s.Key()}
 			if o.Export != "" {
-				img, err := r.export(o.Export, s, p.Ops(), !exportedBase)
+				img, err := r.export(o.Export, s, n, !exportedBase)
 				if err != nil {
 					return nil, err
 				}
@@ -116,8 +116,8 @@ points:
 			}
 			ex.Verdict.States++
 			pc.States++
-			if f := r.checkState(p.Ops(), s); f != nil {
-				f.Point, f.Op = p.Ops(), pc.Op
+			if f := r.checkState(n, s); f != nil {
+				f.Point, f.Op = n, pc.Op
 				f.StateKey = fmt.Sprintf("%d/%016x", s.Index(), s.Key())
 				f.State = shorten(s.String(), 400)
 				f.Detail = shorten(f.Detail, 600)

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"iter"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
@@ -125,13 +127,13 @@ func RunWith(c Case, o Options) Verdict {
 	rec := ffs.Recording()
 	v.FileOps = rec.Len()
 	statesSeed := faultfs.SubSeed(c.Seed, "states")
-	for p := range rec.Points() {
+	for p, n := range r.crashTimes(rec) {
 		v.Points++
 		for s := range p.States(c.Model, statesSeed, c.StatesPerPoint) {
 			v.States++
-			if f := r.checkState(p.Ops(), s); f != nil {
-				f.Point = p.Ops()
-				f.Op = r.inFlight(p.Ops())
+			if f := r.checkState(n, s); f != nil {
+				f.Point = n
+				f.Op = r.inFlight(n)
 				f.StateKey = fmt.Sprintf("%d/%016x", s.Index(), s.Key())
 				f.State = shorten(s.String(), 400)
 				f.Detail = shorten(f.Detail, 600)
@@ -142,6 +144,46 @@ func RunWith(c Case, o Options) Verdict {
 	}
 	v.OK = true
 	return v
+}
+
+// crashTimes yields every crash point of rec with each time n (a number of
+// file operations done) at which a crash leaves the files as the point
+// has them: the point's own, and every end of a workload op after it and
+// before the next point. An op that returned without changing what can
+// survive (a Close or a Flush that wrote nothing, or a target that skipped
+// its barrier) makes no point of its own, but the model after it is
+// stricter (a flush was acknowledged), so the same states are judged
+// again against it.
+func (r *run) crashTimes(rec *faultfs.Recording) iter.Seq2[*faultfs.Point, int] {
+	return func(yield func(*faultfs.Point, int) bool) {
+		var prev *faultfs.Point
+		// emit yields prev at its own time and at every op end in
+		// (prev.Ops(), next).
+		emit := func(next int) bool {
+			if !yield(prev, prev.Ops()) {
+				return false
+			}
+			last := prev.Ops()
+			for _, e := range slices.Sorted(slices.Values(r.ends)) {
+				if e > last && e < next {
+					if !yield(prev, e) {
+						return false
+					}
+					last = e
+				}
+			}
+			return true
+		}
+		for p := range rec.Points() {
+			if prev != nil && !emit(p.Ops()) {
+				return
+			}
+			prev = p
+		}
+		if prev != nil {
+			emit(rec.Len() + 1)
+		}
+	}
 }
 
 // prepare validates the case, creates its files (in memory, or under
