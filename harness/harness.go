@@ -43,12 +43,21 @@
 //     harness must report a failure (a flushed write lost, or metadata
 //     reaching the disk before what it points to). It proves the harness
 //     can fail.
+//   - "qcow-syncrange": the same writer with every fsync and fdatasync
+//     replaced by sync_file_range over what was written since the last
+//     barrier: data reaches the disk, the file size does not. Broken.
+//   - "kvmtool2011": a faithful port of the write path of the 2011 kvmtool
+//     patch "kvm tools: Add QCOW write support" (package
+//     harness/targets/kvmtool2011), for QCOW v1 and v2. Broken in the ways
+//     corpora/kvmtool2011 records.
 //
 // # Verdicts
 //
 // Run checks, at every crash point of the recorded workload, up to
 // Case.StatesPerPoint crash states of Case.Model, and stops at the first
-// failure. Failure kinds, in the order they are checked:
+// failure. A crash point is judged at its own time and again at the end
+// of every workload op that completed before the next point (an op that
+// changed nothing on disk, such as a Close, makes the model stricter). Failure kinds, in the order they are checked:
 //
 //   - "errors": a workload call returned an error although no fault was
 //     injected (the writer failed on its own); or, with a fault plan, a
