@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"testing"
@@ -737,5 +738,162 @@ func TestCrashBuiltImages(t *testing.T) {
 	}
 	if n < 8 {
 		t.Fatalf("only %d built images", n)
+	}
+}
+
+// TestCrashMutantRefcountEntries: every refcount width (1 to 64 bits)
+// holds values up to its maximum, and setting one entry changes exactly the
+// bytes it reports and no other entry.
+func TestCrashMutantRefcountEntries(t *testing.T) {
+	const cs = 512
+	wantMax := []uint64{1, 3, 15, 255, 65535, 1<<32 - 1, 1<<64 - 1}
+	for order := uint32(0); order <= 6; order++ {
+		g := refGeom{clusterBits: 9, order: order}
+		if got := g.maxRefcount(); got != wantMax[order] {
+			t.Errorf("order %d: maxRefcount %d, want %d", order, got, wantMax[order])
+		}
+		if got := g.perBlock(); got != cs*8>>order {
+			t.Errorf("order %d: %d entries per block, want %d", order, got, cs*8>>order)
+		}
+		n := g.perBlock()
+		b := make([]byte, cs)
+		want := make([]uint64, n)
+		r := crashData(16*n, uint64(order)) // values: bytes of random data
+		for i := range n {
+			v := binary.LittleEndian.Uint64(r[8*i:]) & g.maxRefcount()
+			before := slices.Clone(b)
+			lo, hi := setRefcountAt(b, order, i, v)
+			want[i] = v
+			bits := int64(1) << order
+			if wlo, whi := int(i*bits/8), int((i*bits+bits-1)/8+1); lo != wlo || hi != whi {
+				t.Fatalf("order %d entry %d: changed range [%d, %d), want [%d, %d)", order, i, lo, hi, wlo, whi)
+			}
+			for k := range b {
+				if (k < lo || k >= hi) && b[k] != before[k] {
+					t.Fatalf("order %d entry %d: byte %d outside [%d, %d) changed", order, i, k, lo, hi)
+				}
+			}
+		}
+		for i := range n {
+			if got := refcountAt(b, order, i); got != want[i] {
+				t.Fatalf("order %d entry %d: %d, want %d", order, i, got, want[i])
+			}
+		}
+		// The largest value, at the first and last entries, next to zeros.
+		clear(b)
+		for _, i := range []int64{0, n - 1} {
+			setRefcountAt(b, order, i, g.maxRefcount())
+			if got := refcountAt(b, order, i); got != g.maxRefcount() {
+				t.Fatalf("order %d entry %d: max reads back as %d", order, i, got)
+			}
+		}
+		if n > 2 && (refcountAt(b, order, 1) != 0 || refcountAt(b, order, n-2) != 0) {
+			t.Fatalf("order %d: setting the first and last entries changed their neighbours", order)
+		}
+	}
+}
+
+// TestCrashMutantPlanRefcountArea checks the plan for new refcount
+// structures against its contract on edge cases and seeded random inputs:
+// every cluster from `from` to the end of the area (the new blocks and
+// table included) plus `after` is covered by a block, present or new; the
+// new blocks are exactly the missing ones in that range; a new table comes
+// only when the current one is too short, with room for exactly the blocks
+// (plus half as many again with slack), rounded up to whole clusters.
+func TestCrashMutantPlanRefcountArea(t *testing.T) {
+	type in struct {
+		cb, order                    uint32
+		from, start, after, tableLen int64
+		slack                        bool
+		presentEvery                 int64 // block i present when i%presentEvery == 0 (1: all, 0: none)
+	}
+	cases := []in{
+		{9, 4, 0, 1, 3, 0, false, 0},         // Create: nothing yet
+		{9, 4, 5, 5, 0, 8, true, 1},          // an empty area: nothing to cover
+		{9, 6, 64, 64, 0, 4, true, 1},        // an empty area at a block boundary
+		{9, 4, 5, 5, 0, 0, false, 0},         // an empty area, no table
+		{9, 6, 10, 64, 0, 1, true, 1},        // ends exactly at a block boundary, table full
+		{9, 6, 10, 63, 1, 1, true, 1},        // the same end, through after
+		{9, 6, 10, 63, 1, 2, false, 1},       // the table has room: no new table
+		{9, 6, 0, 100, 448, 64, true, 2},     // every other block missing
+		{9, 0, 0, 1, 100000, 8, true, 0},     // 1-bit refcounts, a long area
+		{16, 4, 0, 1, 7, 0, false, 0},        // 64 KiB clusters
+		{9, 6, 4000, 4090, 448, 64, true, 1}, // crosses the end of a one-cluster table
+	}
+	r := rand.New(rand.NewPCG(6, 6))
+	for range 300 {
+		cb := uint32(9 + r.IntN(4))
+		tableLen := int64(r.IntN(3)) * (1 << cb) / 8
+		from := r.Int64N(5000)
+		cases = append(cases, in{cb, uint32(r.IntN(7)), from, from + r.Int64N(3000), r.Int64N(2000),
+			tableLen, r.IntN(2) == 0, int64(r.IntN(4))})
+	}
+	for _, c := range cases {
+		g := refGeom{clusterBits: c.cb, order: c.order}
+		cs := int64(1) << c.cb
+		present := func(i int64) bool {
+			if i < 0 || i >= c.tableLen {
+				t.Fatalf("%+v: present(%d) asked beyond the table", c, i)
+			}
+			return c.presentEvery == 1 || c.presentEvery > 1 && i%c.presentEvery == 0
+		}
+		a, err := planRefcountArea(g, c.from, c.start, c.after, c.tableLen, present, c.slack)
+		if err != nil {
+			t.Fatalf("%+v: %v", c, err)
+		}
+		shift := g.blockShift()
+		// needed returns the missing blocks of the range that ends at end
+		// and one past the highest block index the range needs.
+		needed := func(end int64) (need []int64, hi int64) {
+			if end > c.from {
+				hi = (end-1)>>shift + 1
+				for i := c.from >> shift; i < hi; i++ {
+					if i >= c.tableLen || !present(i) {
+						need = append(need, i)
+					}
+				}
+			}
+			return need, hi
+		}
+		tableFor := func(hi int64) int64 {
+			if hi <= c.tableLen {
+				return 0
+			}
+			if c.slack {
+				hi += hi / 2
+			}
+			return (hi*8 + cs - 1) / cs
+		}
+		end := c.start + int64(len(a.blocks)) + a.tableClusters + c.after
+		need, hi := needed(end)
+		if !slices.Equal(a.blocks, need) {
+			t.Fatalf("%+v: new blocks %v, want %v", c, a.blocks, need)
+		}
+		// The plan is the smallest one that covers itself: the first fixed
+		// point from no new block and no new table.
+		nb, nt := int64(0), int64(0)
+		for {
+			need, hi := needed(c.start + nb + nt + c.after)
+			if int64(len(need)) == nb && tableFor(hi) == nt {
+				break
+			}
+			nb, nt = int64(len(need)), tableFor(hi)
+		}
+		if int64(len(a.blocks)) != nb || a.tableClusters != nt {
+			t.Fatalf("%+v: %d new blocks and a table of %d clusters; the smallest plan has %d and %d", c, len(a.blocks), a.tableClusters, nb, nt)
+		}
+		switch {
+		case hi <= c.tableLen && a.tableClusters != 0:
+			t.Fatalf("%+v: a new table of %d clusters, but %d entries fit in the old one", c, a.tableClusters, hi)
+		case hi > c.tableLen:
+			want := hi
+			if c.slack {
+				want += hi / 2
+			}
+			if a.tableEntries < want || a.tableEntries-want >= cs/8 || a.tableClusters*cs/8 != a.tableEntries {
+				t.Fatalf("%+v: new table of %d clusters, %d entries, for %d blocks (want %d entries, rounded up to a cluster)",
+					c, a.tableClusters, a.tableEntries, hi, want)
+			}
+		}
 	}
 }
