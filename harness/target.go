@@ -33,6 +33,26 @@ type Target interface {
 	Open(fsys vfs.FS, name string, writeThrough bool) (Writer, error)
 }
 
+// Explainer is implemented by targets whose failures have known causes:
+// Explain returns, in plain words, why the target fails the way f says, or
+// "" when it does not recognise the failure.
+type Explainer interface {
+	Explain(f *Failure) string
+}
+
+// Explain returns the target's explanation of the verdict's failure (see
+// Explainer), or "" when the case passed, its target has none, or the
+// target does not recognise the failure.
+func Explain(v Verdict) string {
+	if v.OK || v.Failure == nil {
+		return ""
+	}
+	if e, ok := targets[v.Case.Target].(Explainer); ok {
+		return e.Explain(v.Failure)
+	}
+	return ""
+}
+
 // targets holds the registered targets by name.
 var targets = map[string]Target{}
 

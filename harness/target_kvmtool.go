@@ -1,6 +1,8 @@
 package harness
 
 import (
+	"strings"
+
 	"github.com/qcowcrash/qcowcrash/harness/targets/kvmtool2011"
 	"github.com/qcowcrash/qcowcrash/vfs"
 )
@@ -33,4 +35,33 @@ func (kvmtoolTarget) Open(fsys vfs.FS, name string, wt bool) (Writer, error) {
 		}
 	}
 	return kvmtool2011.Open(fsys, name, kvmtool2011.Options{WriteThrough: wt})
+}
+
+// Explain says why the 2011 kvmtool writer fails as f says, for the failures
+// the harness finds in it (corpora/kvmtool2011 has one entry per cause).
+func (kvmtoolTarget) Explain(f *Failure) string {
+	d := f.Detail
+	has := func(subs ...string) bool {
+		for _, s := range subs {
+			if !strings.Contains(d, s) {
+				return false
+			}
+		}
+		return true
+	}
+	switch {
+	case f.Kind == KindErrors && has("L1 index out of the table"):
+		return "kvmtool computed the L1 table size by rounding down (size / (cluster_size * l2_entries)), so the last, partial L1 range of the disk has no L1 entry and writes there fail; below one L1 range nothing can be written. Not a crash bug."
+	case (f.Kind == KindCheck || f.Kind == KindOpen) && (has("L2 table", "beyond the end of the file") || has("l1_entry", "beyond the end of the file")):
+		return "A new L2 table goes at the end of the file with pwrite + sync_file_range, then the L1 entry is pointed at it the same way. sync_file_range makes written pages durable but not the new file size, so after a power loss the L1 entry (inside the old file) can survive while the file is back to its old length: the L1 entry points at an L2 table past the end of the file. (Or, after an injected error, the truncate rollback cut the table away but left the L1 entry pointing at it.)"
+	case (f.Kind == KindCheck || f.Kind == KindOpen) && has("data cluster", "beyond the end of the file"):
+		return "A new data cluster is written at the end of the file with a plain pwrite and no barrier, then its L2 entry with pwrite + sync_file_range. sync_file_range persists the entry but neither the data nor the new file size, so after a power loss the L2 entry points at a data cluster past the end of the file. (Or, after an injected error, the truncate rollback cut the cluster away but left the entry.)"
+	case f.Kind == KindCheck && has("refcount="):
+		return "kvmtool's QCOW2 writing never updated refcounts: every cluster it allocates (L2 tables, data) has refcount 0 while an L1 or L2 entry references it, which qemu-img check reports as corruption even without a crash."
+	case f.Kind == KindDurability:
+		return "Data written into an allocated cluster is a plain pwrite with no barrier, and kvmtool's close did not sync (sync_file_range covered only the L1 and L2 entries): data acknowledged before a flush or close is lost by a power loss."
+	case f.Kind == KindContent:
+		return "A write into a new cluster writes only the guest's bytes; the rest of the cluster is never filled from the backing file (nor zeroed), so after the write it reads zeros where the backing file's data was (or, after a crash, whatever the file held)."
+	}
+	return ""
 }

@@ -126,6 +126,9 @@ func (c *cli) repro(e harness.Entry, o reproOptions) int {
 		}
 	}
 	out.Verdict = v
+	if out.Explanation == "" {
+		out.Explanation = harness.Explain(v)
+	}
 	code := 0
 	if !v.OK {
 		code = 1
@@ -160,6 +163,9 @@ func (c *cli) repro(e harness.Entry, o reproOptions) int {
 		}
 		if ne.Explanation == "" {
 			ne.Explanation = "Saved by crashtest repro: " + verdictLine(v) + "."
+			if why := harness.Explain(v); why != "" {
+				ne.Explanation += " Why: " + why
+			}
 		}
 		path, err := harness.SaveEntry(o.save, ne)
 		if err != nil {
@@ -198,6 +204,9 @@ func (c *cli) repro(e harness.Entry, o reproOptions) int {
 		}
 		if o.verbose && v.Failure.Point >= 0 {
 			writeInspection(&b, cs, v.Failure)
+		}
+		if e.Explanation == "" && out.Explanation != "" {
+			fmt.Fprintf(&b, "  why: %s\n", printable(out.Explanation))
 		}
 	}
 	if e.Expect != "" {

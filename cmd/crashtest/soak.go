@@ -96,6 +96,9 @@ type soakFailure struct {
 	ShrunkRepro string `json:"shrunk_repro,omitempty"`
 	// Entry is the corpus entry written to --out.
 	Entry string `json:"entry,omitempty"`
+	// Why is the target's explanation of the failure (harness.Explain),
+	// empty when it has none.
+	Why string `json:"why,omitempty"`
 }
 
 // soakSummary is what soak prints at the end (--json: as JSON).
@@ -285,6 +288,9 @@ func printSoakSummary(w io.Writer, s soakSummary) {
 		if f.Entry != "" {
 			fmt.Fprintf(&b, "  corpus entry: %s\n", f.Entry)
 		}
+		if f.Why != "" {
+			fmt.Fprintf(&b, "  why: %s\n", printable(f.Why))
+		}
 	}
 	io.WriteString(w, b.String())
 }
@@ -389,7 +395,7 @@ func (m modelsFlag) Set(v string) error {
 // --out as a corpus entry with a short text report, and returns its
 // summary line.
 func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOptions, opts harness.Options, stop func() bool) soakFailure {
-	sf := soakFailure{Index: k, ID: cs.ID(), Repro: "crashtest repro " + cs.ID(), Failure: v.Failure, Ops: cs.Ops}
+	sf := soakFailure{Index: k, ID: cs.ID(), Repro: "crashtest repro " + cs.ID(), Failure: v.Failure, Ops: cs.Ops, Why: harness.Explain(v)}
 	if o.fs.dir != "" {
 		sf.Repro += " --fs " + o.fs.String()
 	}
@@ -418,6 +424,9 @@ func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOpt
 		Explanation: fmt.Sprintf("Found by crashtest soak (case %d, %s; %d ops, shrunk to %d): %s. Expected to fail until the target is fixed; then set expect to \"pass\".",
 			k, cs.ID(), cs.Ops, best.Ops, verdictLine(bv)),
 	}
+	if why := harness.Explain(bv); why != "" {
+		e.Explanation += " Why: " + why
+	}
 	path, err := harness.SaveEntry(o.out, e)
 	if err != nil {
 		fmt.Fprintf(c.stderr, "crashtest: soak: --out: %s\n", oneLine(err.Error()))
@@ -434,6 +443,9 @@ func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOpt
 		fmt.Fprintf(&rep, "shrunk from %d to %d ops: %s\n", cs.Ops, best.Ops, sf.ShrunkRepro)
 	}
 	fmt.Fprintf(&rep, "corpus entry: %s (crashtest repro -v %s)\n", path, path)
+	if why := harness.Explain(bv); why != "" {
+		fmt.Fprintf(&rep, "why: %s\n", why)
+	}
 	if err := os.WriteFile(strings.TrimSuffix(path, ".json")+".txt", []byte(rep.String()), 0o644); err != nil {
 		fmt.Fprintf(c.stderr, "crashtest: soak: --out: %s\n", oneLine(err.Error()))
 	}
