@@ -897,3 +897,268 @@ func TestCrashMutantPlanRefcountArea(t *testing.T) {
 		}
 	}
 }
+
+// TestCrashMutantRefcountTableLimit: a plan whose refcount table would be
+// exactly MaxRefcountTableBytes is accepted, one cluster more fails with
+// ErrLimit naming the limit.
+func TestCrashMutantRefcountTableLimit(t *testing.T) {
+	g := refGeom{clusterBits: 9, order: 6} // 64 refcounts per block, 64 entries per table cluster
+	const cs = 512
+	exact := false
+	for start := int64(66_000_000); ; start += cs {
+		if start > 68_000_000 {
+			t.Fatal("no plan failed with ErrLimit")
+		}
+		a, err := planRefcountArea(g, start, start, 1, 0, func(int64) bool { return false }, false)
+		if err != nil {
+			if !errors.Is(err, ErrLimit) || !strings.Contains(err.Error(), fmt.Sprintf("limit %d", MaxRefcountTableBytes)) {
+				t.Fatalf("start %d: %v; want ErrLimit naming the limit", start, err)
+			}
+			break
+		}
+		if a.tableClusters*cs > MaxRefcountTableBytes {
+			t.Fatalf("start %d: a table of %d clusters accepted", start, a.tableClusters)
+		}
+		exact = exact || a.tableClusters*cs == MaxRefcountTableBytes
+	}
+	if !exact {
+		t.Fatal("no plan had a table of exactly MaxRefcountTableBytes")
+	}
+}
+
+// TestCrashMutantRefcountCache: with a refcount cache of 4 blocks, a flush
+// of writes leaves exactly 3 (three quarters) of the clean blocks cached
+// however many the writes touched, and the image stays exact and clean
+// although most blocks are read back from the file to be changed. (The
+// decrements of stage 4 may leave more cached: they are applied after the
+// commit's eviction; the next load or write evicts them.)
+func TestCrashMutantRefcountCache(t *testing.T) {
+	const cs = 512
+	c := crashConfig{version: 3, cs: cs, rcBits: 64} // 64 refcounts per block
+	ffs, im := mutOpen(t, c, 4<<20, Options{RefcountCacheBytes: 4 * cs})
+	m := crashModel(4<<20, nil)
+	w := im.w
+	step := func(what string, f func() error) {
+		t.Helper()
+		if err := f(); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if err := im.Flush(); err != nil {
+			t.Fatalf("%s: flush: %v", what, err)
+		}
+		m.Flush()
+	}
+	writeStep := func(what string, f func() error) {
+		t.Helper()
+		if err := f(); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if err := im.Flush(); err != nil {
+			t.Fatalf("%s: flush: %v", what, err)
+		}
+		m.Flush()
+		if n := len(w.rc.blocks); n != 3 {
+			t.Fatalf("%s: %d refcount blocks cached after a flush, want 3 (3/4 of 4)", what, n)
+		}
+	}
+	const n = 1 << 20 // 2048 clusters: 32 blocks
+	for pass := range uint64(3) {
+		data := crashData(n, 10+pass)
+		writeStep("write", func() error {
+			for off := int64(0); off < n; off += 32 << 10 {
+				if _, err := im.WriteAt(data[off:off+32<<10], off+int64(pass)*cs); err != nil {
+					return err
+				}
+				m.Write(data[off:off+32<<10], off+int64(pass)*cs)
+			}
+			return nil
+		})
+		step("zero", func() error {
+			m.WriteZeroes(int64(pass)*cs, n/2)
+			return im.WriteZeroes(int64(pass)*cs, n/2)
+		})
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mutClean(t, ffs)
+	if err := crashVerify(ffs, m, 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCrashMutantRefcountLookups: the refcount of a cluster beyond what
+// the refcount table covers is 0, and a table entry that points at a block
+// beyond the end of the file or not cluster aligned makes a writable open
+// fail with a FormatError naming the entry.
+func TestCrashMutantRefcountLookups(t *testing.T) {
+	_, im := mutOpen(t, crashConfig{version: 3, cs: 512}, 1<<20, Options{})
+	rc := im.w.rc
+	past := int64(len(rc.rt)) << rc.g.blockShift()
+	for _, c := range []int64{past, past + 1, past << 4} {
+		if v, err := rc.get(c); v != 0 || err != nil {
+			t.Fatalf("refcount of cluster %d beyond the table = %d, %v; want 0, nil", c, v, err)
+		}
+	}
+	im.Close()
+
+	tests := []struct {
+		base  string
+		entry func(fileSize, cs int64) uint64
+	}{
+		{"v3-refcount64", func(n, cs int64) uint64 { return uint64((n + cs - 1) / cs * cs) }},     // at the end of the file
+		{"v3-refcount64", func(n, cs int64) uint64 { return uint64((n+cs-1)/cs*cs - cs + cs/2) }}, // would end past it
+		{"v3-zstd", func(n, cs int64) uint64 { return 512 }},                                      // inside a 4 KiB cluster
+	}
+	for _, tt := range tests {
+		b := hostile.BaseByName(tt.base)
+		img := b.Built.Clone()
+		cs := b.Built.ClusterSize
+		entry := tt.entry(int64(len(img)), cs)
+		at := b.Built.RTOff + 8 // the table's second entry: no block yet
+		if binary.BigEndian.Uint64(img[at:]) != 0 {
+			t.Fatalf("%s: refcount table entry 1 is in use", tt.base)
+		}
+		binary.BigEndian.PutUint64(img[at:], entry)
+		mem := vfs.NewMem()
+		f, err := mem.Create("img")
+		if err == nil {
+			_, err = f.WriteAt(img, 0)
+		}
+		if err == nil {
+			err = f.Close()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		im, err := Open(mem, "img", &Options{ReadWrite: true})
+		var fe *FormatError
+		if !errors.As(err, &fe) || fe.Field != "refcount_table_entry" || fe.Offset != at || fe.Value != entry || !errors.Is(err, ErrFormat) {
+			if err == nil {
+				im.Close()
+			}
+			t.Fatalf("%s: refcount table entry %#x at %#x: open: %v; want a FormatError for that entry", tt.base, entry, at, err)
+		}
+	}
+}
+
+// TestCrashMutantFullRefcountTable: an image whose refcount table is full
+// (every entry points at a block) takes a write: the writer sees that the
+// new cluster lies beyond the table and moves the table.
+func TestCrashMutantFullRefcountTable(t *testing.T) {
+	const cs = 512
+	// 64-bit refcounts: 64 clusters per block, 64 entries per table
+	// cluster. 1 header + 1 table + 64 blocks + 4030 L1 clusters = 4096
+	// clusters: the one-cluster table is exactly full.
+	const size = 4030 * 64 * 32 << 10
+	mem := vfs.NewMem()
+	if err := Create(mem, "img", CreateOptions{Size: size, ClusterSize: cs, RefcountBits: 64}); err != nil {
+		t.Fatal(err)
+	}
+	ffs := faultfs.New(mem)
+	im, err := Open(ffs, "img", &Options{ReadWrite: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := im.w.rc
+	for i, e := range rc.rt {
+		if e == 0 {
+			t.Fatalf("refcount table entry %d of %d is free: the table is not full", i, len(rc.rt))
+		}
+	}
+	rtOff := im.h.rtOff
+	p := crashData(cs, 7)
+	if _, err := im.WriteAt(p, size-cs); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mutClean(t, ffs)
+	im, err = Open(ffs, "img", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	got := make([]byte, cs)
+	if _, err := im.ReadAt(got, size-cs); err != nil || !bytes.Equal(got, p) || im.h.rtOff == rtOff {
+		t.Fatalf("after the write: reads back %v (%v), refcount table at %#x (was %#x)", bytes.Equal(got, p), err, im.h.rtOff, rtOff)
+	}
+}
+
+// mutMetaComplete requires the writer's set of metadata clusters (for the
+// overlap check) to hold every cluster of the L1 table, of every L2 table,
+// of the refcount table and every refcount block the image has now.
+func mutMetaComplete(t *testing.T, im *Image) {
+	t.Helper()
+	w := im.w
+	need := func(what string, off, n int64) {
+		t.Helper()
+		for c := off &^ (w.cs - 1); c < off+n; c += w.cs {
+			if !w.meta[c] {
+				t.Fatalf("%s cluster %#x is not marked as metadata", what, c)
+			}
+		}
+	}
+	need("L1 table", int64(im.h.l1Off), int64(len(im.l1))*8)
+	for i := range im.l1 {
+		if off, err := im.l1Entry(i); err == nil && off != 0 {
+			need("L2 table", int64(off), im.l2Bytes())
+		}
+	}
+	if rc := w.rc; rc != nil {
+		need("refcount table", rc.rtOff, rc.rtClusters*w.cs)
+		for _, e := range rc.rt {
+			if off := int64(e & rtOffsetMask); off != 0 {
+				need("refcount block", off, w.cs)
+			}
+		}
+	}
+}
+
+// TestCrashMutantCoverAhead: new refcount blocks cover the clusters being
+// allocated plus some ahead, at most 7 blocks' or 4 MiB's worth of
+// clusters, whichever is less, and every new block and table is marked as
+// metadata.
+func TestCrashMutantCoverAhead(t *testing.T) {
+	tests := []struct {
+		cs     int64
+		rcBits int
+		write  int64
+	}{
+		{4096, 64, 3 << 20}, // 512 refcounts per block: 4 MiB ahead is 2 blocks
+		{512, 16, 2 << 20},  // 256 per block: 7 blocks ahead is 896 KiB
+		{512, 64, 1 << 20},  // 64 per block: 7 blocks ahead is 224 KiB
+	}
+	for _, tt := range tests {
+		c := crashConfig{version: 3, cs: tt.cs, rcBits: tt.rcBits}
+		ffs, im := mutOpen(t, c, 8<<20, Options{})
+		data := crashData(tt.write, 8)
+		for off := int64(0); off < tt.write; off += 64 << 10 {
+			if _, err := im.WriteAt(data[off:off+64<<10], off); err != nil {
+				t.Fatal(err)
+			}
+			mutMetaComplete(t, im)
+		}
+		if err := im.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		rc := im.w.rc
+		blocks := int64(0)
+		for _, e := range rc.rt {
+			if e != 0 {
+				blocks++
+			}
+		}
+		covered := blocks * rc.g.perBlock() * tt.cs
+		ahead := min(7*rc.g.perBlock()*tt.cs, 4<<20)
+		if limit := im.w.end + ahead + rc.g.perBlock()*tt.cs; covered > limit {
+			t.Fatalf("%s: %d refcount blocks cover %d bytes; the file ends at %d and at most %d bytes ahead (plus a block) should be covered",
+				c, blocks, covered, im.w.end, ahead)
+		}
+		if err := im.Close(); err != nil {
+			t.Fatal(err)
+		}
+		mutClean(t, ffs)
+	}
+}
