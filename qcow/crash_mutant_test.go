@@ -1162,3 +1162,161 @@ func TestCrashMutantCoverAhead(t *testing.T) {
 		mutClean(t, ffs)
 	}
 }
+
+// mutLoad returns a memory FS holding the files of the hostile base called
+// name, its main image renamed "img" and changed by poke (if set).
+func mutLoad(t *testing.T, name string, poke func(img []byte)) *vfs.MemFS {
+	t.Helper()
+	b := hostile.BaseByName(name)
+	if b == nil {
+		t.Fatalf("no hostile base %q", name)
+	}
+	mem := vfs.NewMem()
+	for fname, content := range b.Files {
+		if fname == b.Main {
+			fname = "img"
+			content = slices.Clone(content)
+			if poke != nil {
+				poke(content)
+			}
+		}
+		f, err := mem.Create(fname)
+		if err == nil {
+			_, err = f.WriteAt(content, 0)
+		}
+		if err == nil {
+			err = f.Close()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return mem
+}
+
+// TestCrashMutantOpenWritable: a writable open refuses QCOW2 images with
+// the corrupt bit or extended L2 entries; it clears unknown autoclear bits
+// of a version 3 header with one durable write (and fails if that write or
+// its sync fails), and writes nothing to a version 2 header.
+func TestCrashMutantOpenWritable(t *testing.T) {
+	setBits := func(off int, bits uint64) func([]byte) {
+		return func(img []byte) {
+			binary.BigEndian.PutUint64(img[off:], binary.BigEndian.Uint64(img[off:])|bits)
+		}
+	}
+	for _, tt := range []struct {
+		base string
+		poke func([]byte)
+		msg  string
+	}{
+		{"v3", setBits(72, IncompatCorrupt), "corrupt bit"},
+		{"v3-extl2", nil, "extended L2"},
+	} {
+		_, err := Open(mutLoad(t, tt.base, tt.poke), "img", &Options{ReadWrite: true})
+		if !errors.Is(err, ErrReadOnly) || !strings.Contains(err.Error(), tt.msg) {
+			t.Fatalf("%s: writable open: %v; want ErrReadOnly about the %s", tt.base, err, tt.msg)
+		}
+	}
+
+	const unknown = 1 << 5
+	header := func(fsys vfs.FS) []byte {
+		t.Helper()
+		f, err := fsys.Open("img", vfs.ReadOnly)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		b := make([]byte, 104)
+		if _, err := f.ReadAt(b, 0); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	// Version 3: cleared, durably.
+	mem := mutLoad(t, "v3", setBits(88, unknown))
+	ffs := faultfs.New(mem)
+	im, err := Open(ffs, "img", &Options{ReadWrite: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := binary.BigEndian.Uint64(header(ffs)[88:]); got != 0 || im.h.autoclear != 0 {
+		t.Fatalf("autoclear after a writable open: %#x on disk, %#x in memory; want 0", got, im.h.autoclear)
+	}
+	st, err := ffs.CrashState(faultfs.LoseUnsynced, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := binary.BigEndian.Uint64(header(st)[88:]); got != 0 {
+		t.Fatalf("autoclear %#x after a crash: the clearing write was not synced", got)
+	}
+	im.Close()
+	// Version 3, the write or its sync fails: the open fails.
+	for _, fail := range []faultfs.Predicate{
+		faultfs.And(faultfs.Kinds(faultfs.KindSet(faultfs.OpWrite)), faultfs.OffsetRange(88, 96)),
+		faultfs.Kinds(faultfs.SyncKinds),
+	} {
+		ffs := faultfs.New(mutLoad(t, "v3", setBits(88, unknown)), faultfs.WithInjector(faultfs.Rule(fail, faultfs.EIO)))
+		if im, err := Open(ffs, "img", &Options{ReadWrite: true}); !errors.Is(err, faultfs.ErrInjected) {
+			if err == nil {
+				im.Close()
+			}
+			t.Fatalf("writable open when %s fails: %v; want the injected error", fail, err)
+		}
+	}
+	// Version 2 has no autoclear field: its header is not written.
+	mem = mutLoad(t, "v2", nil)
+	before := header(mem)
+	im, err = Open(mem, "img", &Options{ReadWrite: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	im.Close()
+	if after := header(mem); !bytes.Equal(before, after) {
+		t.Fatalf("a writable open and close changed a version 2 header:\n%x\n%x", before, after)
+	}
+}
+
+// TestCrashMutantWriteBackDefers: in write-back mode with the default
+// cache sizes, writes that touch a few dozen L2 tables and refcount blocks
+// issue no barrier until Flush (metadata waits in memory); Flush issues
+// them and the image is then exact and clean.
+func TestCrashMutantWriteBackDefers(t *testing.T) {
+	const cs = 512
+	c := crashConfig{version: 3, cs: cs, rcBits: 64} // an L2 table per 32 KiB, a block per 64 clusters
+	ffs, im := mutOpen(t, c, 4<<20, Options{})
+	m := crashModel(4<<20, nil)
+	const n = 2 << 20
+	data := crashData(n, 9)
+	start := len(ffs.Log())
+	for off := int64(0); off < n; off += 16 << 10 {
+		if _, err := im.WriteAt(data[off:off+16<<10], off); err != nil {
+			t.Fatal(err)
+		}
+		m.Write(data[off:off+16<<10], off)
+	}
+	syncs := func() int {
+		k := 0
+		for _, op := range ffs.Log()[start:] {
+			if faultfs.SyncKinds.Has(op.Kind) {
+				k++
+			}
+		}
+		return k
+	}
+	if k := syncs(); k != 0 {
+		t.Fatalf("%d barriers before Flush in write-back mode", k)
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	m.Flush()
+	if k := syncs(); k == 0 {
+		t.Fatal("Flush issued no barrier")
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := crashVerify(ffs, m, 0); err != nil {
+		t.Fatal(err)
+	}
+}
