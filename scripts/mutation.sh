@@ -158,7 +158,33 @@ END {
 	printf "mutation: took %dm%02ds\n", secs / 60, secs % 60
 	printf "mutation: survivors (%d):\n", n["LIVED"] + n["NOT COVERED"]
 }' "$log"
-grep -E '^ *(LIVED|NOT COVERED) ' "$log" |
-	sed -E 's/^ *(LIVED|NOT COVERED) ([A-Z_]+) at (.*)$/\3 \2 \1/' |
-	sort -t: -k1,1 -k2,2n -k3,3n |
-	sed -E 's/^/  /; s/ LIVED$/ lived/; s/ NOT COVERED$/ not covered/' || true
+# Go's coverage profile has no block for the case expressions of a switch,
+# so gremlins reports every mutant in them as NOT COVERED whatever the tests
+# do: mark those survivors, and give the score without them as well.
+unseen=0
+while read -r pos mut st; do
+	line=$(sed -n "$(echo "$pos" | cut -d: -f2)p" "qcow/${pos%%:*}")
+	note=""
+	if [ "$st" = "NOT_COVERED" ] && [[ $line =~ ^[[:space:]]*case[[:space:]] ]]; then
+		note=" (in a case expression: never covered for gremlins)"
+		unseen=$((unseen + 1))
+	fi
+	st=${st/NOT_COVERED/not covered}
+	echo "  $pos $mut ${st,,}$note"
+done < <(grep -E '^ *(LIVED|NOT COVERED) ' "$log" |
+	sed -E 's/^ *(LIVED|NOT COVERED) ([A-Z_]+) at (.*)$/\3 \2 \1/; s/ NOT COVERED$/ NOT_COVERED/' |
+	sort -t: -k1,1 -k2,2n -k3,3n)
+if [ $unseen -gt 0 ]; then
+	awk -v u="$unseen" '
+	/ at [^ ]+\.go:[0-9]+:[0-9]+$/ {
+		st = $0
+		sub(/^ +/, "", st)
+		sub(" [A-Z_]+ at .*$", "", st)
+		n[st]++
+	}
+	END {
+		killed = n["KILLED"] + n["TIMED OUT"]
+		total = killed + n["LIVED"] + n["NOT COVERED"] - u
+		printf "mutation: score without the %d mutants in case expressions: %d/%d, %.1f%%\n", u, killed, total, 100 * killed / total
+	}' "$log"
+fi
