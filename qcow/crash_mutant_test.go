@@ -20,6 +20,7 @@ import (
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
 	"github.com/qcowcrash/qcowcrash/internal/hostile"
+	"github.com/qcowcrash/qcowcrash/model"
 	"github.com/qcowcrash/qcowcrash/vfs"
 )
 
@@ -1318,5 +1319,172 @@ func TestCrashMutantWriteBackDefers(t *testing.T) {
 	}
 	if err := crashVerify(ffs, m, 0); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestCrashMutantRanges: writes, zero writes and resizes outside the disk
+// or otherwise invalid fail without touching the file; empty ones succeed
+// without touching it; writes to a read-only image fail with ErrReadOnly.
+func TestCrashMutantRanges(t *testing.T) {
+	const size = 1 << 20
+	for _, c := range []crashConfig{{version: 3, cs: 512}, {version: 1, cs: 512}} {
+		ffs, im := mutOpen(t, c, size, Options{})
+		ops := len(ffs.Log())
+		p := make([]byte, 512)
+		for _, tt := range []struct {
+			name string
+			f    func() error
+			want error // nil: must succeed
+		}{
+			{"write past the end", func() error { _, err := im.WriteAt(p, size-511); return err }, ErrOutOfRange},
+			{"write at the end", func() error { _, err := im.WriteAt(p[:1], size); return err }, ErrOutOfRange},
+			{"write far past the end", func() error { _, err := im.WriteAt(p, size+512); return err }, ErrOutOfRange},
+			{"write before the start", func() error { _, err := im.WriteAt(p, -512); return err }, ErrOutOfRange},
+			{"empty write at the end", func() error { _, err := im.WriteAt(nil, size); return err }, nil},
+			{"empty write inside", func() error { _, err := im.WriteAt(p[:0], 512); return err }, nil},
+			{"zero past the end", func() error { return im.WriteZeroes(size-512, 513) }, ErrOutOfRange},
+			{"zero beyond the end", func() error { return im.WriteZeroes(size+512, 0) }, ErrOutOfRange},
+			{"zero a negative length", func() error { return im.WriteZeroes(0, -1) }, ErrOutOfRange},
+			{"zero before the start", func() error { return im.WriteZeroes(-1, 1) }, ErrOutOfRange},
+			{"zero nothing at the end", func() error { return im.WriteZeroes(size, 0) }, nil},
+			{"shrink", func() error { return im.Resize(size - 512) }, ErrUnsupported},
+			{"resize to the same size", func() error { return im.Resize(size) }, nil},
+			{"resize to a non-multiple of 512", func() error { return im.Resize(size + 100) }, errors.New("not a multiple of 512")},
+		} {
+			err := tt.f()
+			switch {
+			case tt.want == nil && err != nil:
+				t.Fatalf("%s: %s: %v", c, tt.name, err)
+			case tt.want != nil && (err == nil || !errors.Is(err, tt.want) && !strings.Contains(err.Error(), tt.want.Error())):
+				t.Fatalf("%s: %s: %v, want %v", c, tt.name, err, tt.want)
+			}
+			if n := len(ffs.Log()); n != ops {
+				t.Fatalf("%s: %s: %d file operations", c, tt.name, n-ops)
+			}
+		}
+		if im.Size() != size {
+			t.Fatalf("%s: size %d after refused resizes", c, im.Size())
+		}
+		// A write that ends exactly at the end of the disk.
+		if _, err := im.WriteAt(p, size-512); err != nil {
+			t.Fatalf("%s: write of the last sector: %v", c, err)
+		}
+		if err := im.Close(); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []func() error{
+			func() error { _, err := im.WriteAt(p, 0); return err },
+			func() error { return im.WriteZeroes(0, 512) },
+			func() error { return im.Resize(2 * size) },
+		} {
+			if err := f(); err == nil {
+				t.Fatalf("%s: a write after Close succeeded", c)
+			}
+		}
+		ro, err := Open(ffs, "img", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []func() error{
+			func() error { _, err := ro.WriteAt(p, 0); return err },
+			func() error { return ro.WriteZeroes(0, 512) },
+			func() error { return ro.Resize(2 * size) },
+		} {
+			if err := f(); !errors.Is(err, ErrReadOnly) {
+				t.Fatalf("%s: a write to a read-only image: %v, want ErrReadOnly", c, err)
+			}
+		}
+		if err := ro.Flush(); err != nil {
+			t.Fatalf("%s: Flush of a read-only image: %v", c, err)
+		}
+		ro.Close()
+	}
+}
+
+// TestCrashMutantRaw: a raw image opened for writing takes writes and zero
+// writes (longer than the 64 KiB zero buffer) that read back, grows, makes
+// writes durable at Flush (write-back) or at once (write-through), and
+// Close syncs what Flush did not.
+func TestCrashMutantRaw(t *testing.T) {
+	const size = 1 << 20
+	for _, through := range []bool{false, true} {
+		mem := vfs.NewMem()
+		f, err := mem.Create("disk")
+		if err == nil {
+			err = f.Truncate(size)
+		}
+		if err == nil {
+			err = f.Close()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		ffs := faultfs.New(mem)
+		im, err := Open(ffs, "disk", &Options{ReadWrite: true, Format: FormatRaw, WriteThrough: through})
+		if err != nil {
+			t.Fatal(err)
+		}
+		data := crashData(size, 11)
+		phase1 := func(m *model.Disk) *model.Disk {
+			m.Write(data[:300<<10], 1000)
+			m.WriteZeroes(5000, 200<<10)
+			if through {
+				m.Flush()
+			}
+			return m
+		}
+		m := phase1(model.New(2*size, nil))
+		if _, err := im.WriteAt(data[:300<<10], 1000); err != nil {
+			t.Fatal(err)
+		}
+		if err := im.WriteZeroes(5000, 200<<10); err != nil {
+			t.Fatal(err)
+		}
+		// Durable now in write-through mode; in write-back mode only after
+		// Flush.
+		st, err := ffs.CrashState(faultfs.LoseUnsynced, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := Open(st, "disk", &Options{Format: FormatRaw})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mc := phase1(model.New(2*size, nil))
+		mc.Crash()
+		if err := mc.Check(wtSizedReader{r}); err != nil {
+			t.Fatalf("wt=%v: crash before Flush: %v", through, err)
+		}
+		r.Close()
+		if err := im.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		m.Flush()
+		if err := im.Resize(2 * size); err != nil {
+			t.Fatal(err)
+		}
+		if im.Size() != 2*size {
+			t.Fatalf("wt=%v: size %d after growing to %d", through, im.Size(), 2*size)
+		}
+		if _, err := im.WriteAt(data[:512], 2*size-512); err != nil {
+			t.Fatal(err)
+		}
+		m.Write(data[:512], 2*size-512)
+		if err := im.Close(); err != nil {
+			t.Fatal(err)
+		}
+		m.Flush()
+		st, err = ffs.CrashState(faultfs.LoseUnsynced, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err = Open(st, "disk", &Options{Format: FormatRaw})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Check(wtSizedReader{r}); err != nil || r.Size() != 2*size {
+			t.Fatalf("wt=%v: after Close and a crash: size %d, %v", through, r.Size(), err)
+		}
+		r.Close()
 	}
 }
