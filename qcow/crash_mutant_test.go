@@ -1488,3 +1488,200 @@ func TestCrashMutantRaw(t *testing.T) {
 		r.Close()
 	}
 }
+
+// TestCrashMutantOverlap: an L2 entry that claims a data cluster which in
+// fact holds metadata (the header, the L1 table, an L2 table, the refcount
+// table, a refcount block, the snapshot table or a snapshot's L1 table) is
+// refused with a FormatError on a write into it, and the metadata is left
+// alone.
+func TestCrashMutantOverlap(t *testing.T) {
+	type target struct {
+		name string
+		off  func(l hostile.Layout) int64
+	}
+	qcow2 := []target{
+		{"L1 table", func(l hostile.Layout) int64 { return l.L1Off }},
+		{"L2 table", func(l hostile.Layout) int64 { return l.L2Offs[0] }},
+		{"refcount table", func(l hostile.Layout) int64 { return l.RTOff }},
+		{"refcount block", func(l hostile.Layout) int64 { return l.RBOffs[0] }},
+	}
+	tests := []struct {
+		base    string
+		guest   int64 // a data cluster of the base
+		copied  uint64
+		targets []target
+	}{
+		{"v2", 1, flagCopied, qcow2},
+		{"v3", 33, flagCopied, append(slices.Clip(qcow2),
+			target{"snapshot table", func(l hostile.Layout) int64 { return l.SnapOff }},
+			target{"snapshot L1 table", func(l hostile.Layout) int64 { return l.SnapL1Off }})},
+		{"v1", 1, 0, []target{
+			{"header", func(l hostile.Layout) int64 { return l.L1Off &^ (l.ClusterSize - 1) }},
+			{"L2 table", func(l hostile.Layout) int64 { return l.L2Offs[0] }},
+		}},
+	}
+	for _, tt := range tests {
+		b := hostile.BaseByName(tt.base)
+		l := b.Built.Layout
+		if _, ok := l.Host[tt.guest]; !ok {
+			t.Fatalf("%s: guest cluster %d is not a data cluster", tt.base, tt.guest)
+		}
+		for _, tg := range tt.targets {
+			off := tg.off(l)
+			if off <= 0 && tg.name != "header" {
+				t.Fatalf("%s: no %s", tt.base, tg.name)
+			}
+			entry := uint64(off) | tt.copied
+			if off == 0 {
+				entry = uint64(l.ClusterSize) / 2 // inside the header cluster, not 0 (unallocated)
+			}
+			mem := mutLoad(t, tt.base, func(img []byte) {
+				binary.BigEndian.PutUint64(img[l.Entry[tt.guest]:], entry)
+			})
+			im, err := Open(mem, "img", &Options{ReadWrite: true})
+			if err != nil {
+				t.Fatalf("%s, entry at the %s: open: %v", tt.base, tg.name, err)
+			}
+			n := min(l.ClusterSize, int64(len(b.Files[b.Main]))-off)
+			before := make([]byte, n)
+			if err := im.readFull(before, off); err != nil {
+				t.Fatal(err)
+			}
+			_, err = im.WriteAt(make([]byte, 100), tt.guest*l.ClusterSize+8)
+			var fe *FormatError
+			if !errors.As(err, &fe) || fe.Field != "l2_entry" {
+				im.Close()
+				t.Fatalf("%s: a write through an L2 entry pointing at the %s: %v; want a FormatError for the entry", tt.base, tg.name, err)
+			}
+			after := make([]byte, n)
+			if err := im.readFull(after, off); err != nil || !bytes.Equal(before, after) {
+				t.Fatalf("%s: the %s changed (%v)", tt.base, tg.name, err)
+			}
+			im.Close()
+		}
+	}
+}
+
+// TestCrashMutantResize: growing within what the L1 table maps keeps the
+// table; one L2 table's worth more moves it; growing past MaxL1Bytes fails
+// with ErrLimit and changes nothing; growing over a longer backing file
+// makes the grown range read as zeros, not as the backing file.
+func TestCrashMutantResize(t *testing.T) {
+	const cs = 512
+	const perL2 = cs * cs / 8 // bytes one L2 table maps: 32 KiB
+	// 31 L2 tables and a sector: an L1 table of 32 entries.
+	ffs, im := mutOpen(t, crashConfig{version: 3, cs: cs}, 31*perL2+512, Options{})
+	l1Off := im.h.l1Off
+	for _, tt := range []struct {
+		size  int64
+		moved bool
+	}{
+		{32*perL2 - 512, false},
+		{32 * perL2, false}, // exactly 32 entries
+		{32*perL2 + 512, true},
+	} {
+		if err := im.Resize(tt.size); err != nil {
+			t.Fatalf("resize to %d: %v", tt.size, err)
+		}
+		if moved := im.h.l1Off != l1Off; moved != tt.moved || im.Size() != tt.size {
+			t.Fatalf("resize to %d: L1 table moved %v (want %v), size %d", tt.size, moved, tt.moved, im.Size())
+		}
+		if want := (tt.size + perL2 - 1) / perL2; tt.moved && int64(len(im.l1)) != want {
+			t.Fatalf("resize to %d: L1 table of %d entries, want %d", tt.size, len(im.l1), want)
+		}
+	}
+	l1Off = im.h.l1Off
+	size := im.Size()
+	tooBig := int64(MaxL1Bytes/8)*perL2 + 512
+	if err := im.Resize(tooBig); !errors.Is(err, ErrLimit) || im.Size() != size || im.h.l1Off != l1Off {
+		t.Fatalf("resize to %d: %v, size %d; want ErrLimit and no change", tooBig, err, im.Size())
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	mutClean(t, ffs)
+	// The largest size the limit allows: an L1 table of 32 MiB (the image
+	// is dropped without Close, which would write it).
+	if err := im.Resize(int64(MaxL1Bytes/8) * perL2); err != nil || len(im.l1) != MaxL1Bytes/8 {
+		t.Fatalf("resize to the largest size the L1 limit allows: %v", err)
+	}
+
+	// A backing file of 96 KiB under a disk of 64 KiB, grown to 128 KiB.
+	c := crashConfig{version: 3, cs: cs, backing: true}
+	mem, base := crashSetup(t, c, 128<<10, 12) // "base" holds 96 KiB
+	if err := mem.Remove("img"); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(mem, "img", CreateOptions{Size: 64 << 10, ClusterSize: cs, BackingFile: "base", BackingFormat: "raw"}); err != nil {
+		t.Fatal(err)
+	}
+	ffs = faultfs.New(mem)
+	im, err := Open(ffs, "img", &Options{ReadWrite: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Resize(128 << 10); err != nil {
+		t.Fatal(err)
+	}
+	m := crashModel(128<<10, base)
+	m.WriteZeroes(64<<10, 64<<10)
+	m.Flush()
+	if err := m.Check(wtSizedReader{im}); err != nil {
+		t.Fatalf("after growing over the backing file: %v", err)
+	}
+	// Durable on return, whatever the cache mode.
+	st, err := ffs.CrashState(faultfs.LoseUnsynced, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Crash()
+	if err := crashVerify(st, m, -1); err != nil {
+		t.Fatalf("crash after the resize: %v", err)
+	}
+	im.Close()
+}
+
+// TestCrashMutantWriteBackBounded: with small cache sizes, write-back mode
+// writes the dirty metadata early (before Flush) so that the dirty L2
+// tables and refcount blocks stay within about their bounds.
+func TestCrashMutantWriteBackBounded(t *testing.T) {
+	const cs = 512
+	c := crashConfig{version: 3, cs: cs, rcBits: 64}
+	for _, o := range []Options{{L2CacheBytes: 4 * cs}, {RefcountCacheBytes: 4 * cs}} {
+		ffs, im := mutOpen(t, c, 4<<20, o)
+		m := crashModel(4<<20, nil)
+		const n = 2 << 20
+		data := crashData(n, 13)
+		start := len(ffs.Log())
+		for off := int64(0); off < n; off += 4 << 10 {
+			if _, err := im.WriteAt(data[off:off+4<<10], off); err != nil {
+				t.Fatal(err)
+			}
+			m.Write(data[off:off+4<<10], off)
+			if o.L2CacheBytes > 0 && int64(len(im.w.l2))*cs > o.L2CacheBytes+cs {
+				t.Fatalf("%+v: %d dirty L2 tables", o, len(im.w.l2))
+			}
+			// relieve flushes at the start of a write once 2*4 blocks are
+			// cached; one write may add a batch of 8 new blocks.
+			if o.RefcountCacheBytes > 0 && len(im.w.rc.blocks) > 2*4+8 {
+				t.Fatalf("%+v: %d refcount blocks cached", o, len(im.w.rc.blocks))
+			}
+		}
+		syncs := 0
+		for _, op := range ffs.Log()[start:] {
+			if faultfs.SyncKinds.Has(op.Kind) {
+				syncs++
+			}
+		}
+		if syncs == 0 {
+			t.Fatalf("%+v: no barrier before Flush although the caches overflowed", o)
+		}
+		if err := im.Close(); err != nil {
+			t.Fatal(err)
+		}
+		m.Flush()
+		if err := crashVerify(ffs, m, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
