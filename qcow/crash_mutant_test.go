@@ -1685,3 +1685,49 @@ func TestCrashMutantWriteBackBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestCrashMutantEndOfFile: a writable open puts the next allocation at
+// the first cluster boundary at or after the end of the file, or after the
+// last cluster beyond it that has a refcount (something uses it).
+func TestCrashMutantEndOfFile(t *testing.T) {
+	for _, c := range []crashConfig{{version: 1, cs: 512}, {version: 3, cs: 512}, {version: 2, cs: 64 << 10}} {
+		mem, _ := crashSetup(t, c, 1<<20, 1)
+		for round := range 2 {
+			st, err := mem.Stat("img")
+			if err != nil {
+				t.Fatal(err)
+			}
+			im, err := Open(mem, "img", &Options{ReadWrite: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := (st.Size() + c.cs - 1) / c.cs * c.cs; im.w.end != want {
+				t.Fatalf("%s round %d: file of %d bytes: next allocation at %d, want %d", c, round, st.Size(), im.w.end, want)
+			}
+			if _, err := im.WriteAt(crashData(700, 1), int64(round)*(512<<10)+100); err != nil {
+				t.Fatal(err)
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	// A refcount for a cluster past the end of the file.
+	b := hostile.BaseByName("v3-refcount64") // 512-byte clusters, 64 refcounts per block
+	n := int64(len(b.Files[b.Main]))
+	for _, ahead := range []int64{0, 3, 63 - (n+511)/512} {
+		used := (n+511)/512 + ahead // a cluster index in the first block
+		mem := mutLoad(t, "v3-refcount64", func(img []byte) {
+			binary.BigEndian.PutUint64(img[b.Built.RBOffs[0]+used*8:], 1)
+		})
+		im, err := Open(mem, "img", &Options{ReadWrite: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := (used + 1) * 512; im.w.end != want {
+			t.Fatalf("cluster %d past the end of a file of %d bytes has a refcount: next allocation at %d, want %d", used, n, im.w.end, want)
+		}
+		im.Close()
+	}
+}
