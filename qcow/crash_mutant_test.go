@@ -1731,3 +1731,45 @@ func TestCrashMutantEndOfFile(t *testing.T) {
 		im.Close()
 	}
 }
+
+// TestCrashMutantResizeReopen grows images of each version past their L1
+// table (the header's size and L1 fields switch in one write) and checks
+// that they reopen with the new size, their old data and the new.
+func TestCrashMutantResizeReopen(t *testing.T) {
+	const size = 256 << 10
+	for _, c := range []crashConfig{{version: 1, cs: 512}, {version: 2, cs: 512}, {version: 3, cs: 4096}} {
+		for _, through := range []bool{false, true} {
+			ffs, im := mutOpen(t, c, size, Options{WriteThrough: through})
+			m := crashModel(4*size, nil)
+			p := crashData(3000, 14)
+			for _, off := range []int64{0, size - 3000} {
+				if _, err := im.WriteAt(p, off); err != nil {
+					t.Fatal(err)
+				}
+				m.Write(p, off)
+			}
+			if err := im.Resize(4 * size); err != nil {
+				t.Fatalf("%s: %v", c, err)
+			}
+			if _, err := im.WriteAt(p, 4*size-3000); err != nil {
+				t.Fatal(err)
+			}
+			m.Write(p, 4*size-3000)
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			m.Flush()
+			if err := crashVerify(ffs, m, 0); err != nil {
+				t.Fatalf("%s wt=%v: %v", c, through, err)
+			}
+			im, err := Open(ffs, "img", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if im.Size() != 4*size || im.ClusterSize() != c.cs {
+				t.Fatalf("%s: reopened with size %d, clusters %d", c, im.Size(), im.ClusterSize())
+			}
+			im.Close()
+		}
+	}
+}
