@@ -1701,6 +1701,11 @@ func TestCrashMutantEndOfFile(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			if round > 0 && st.Size()%512 != 0 {
+				// Writes that extend the file pad it to a whole sector, so
+				// that no later in-place write of the last sector can tear.
+				t.Fatalf("%s: the file ends inside a sector (%d bytes) after writes", c, st.Size())
+			}
 			if want := (st.Size() + c.cs - 1) / c.cs * c.cs; im.w.end != want {
 				t.Fatalf("%s round %d: file of %d bytes: next allocation at %d, want %d", c, round, st.Size(), im.w.end, want)
 			}
@@ -1772,4 +1777,102 @@ func TestCrashMutantResizeReopen(t *testing.T) {
 			im.Close()
 		}
 	}
+}
+
+// TestCrashMutantFaultRollbackThrough is TestCrashFaultRollback in
+// write-through mode, where every write runs the metadata stages and a
+// failure anywhere in them rolls back, plus a resize and an L2 table copy.
+func TestCrashMutantFaultRollbackThrough(t *testing.T) {
+	for _, c := range []crashConfig{{version: 3, cs: 512, backing: true}, {version: 2, cs: 4096}, {version: 1, cs: 512}} {
+		t.Run(c.String(), func(t *testing.T) {
+			t.Parallel()
+			err := exFaultRun(t, exWorkload{name: "rollback-wt", cfg: c, size: 64 << 10, through: true, ops: []exOp{
+				{kind: "write", off: 700, n: 100, seed: 1},
+				{kind: "write", off: 4096 - 100, n: 1300, seed: 2},
+				{kind: "zero", off: 0, n: 4096},
+				{kind: "write", off: 40<<10 + 10, n: 600, seed: 3},
+			}}, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestCrashMutantFailedSync: when a barrier fails (and the kernel drops
+// the dirty pages it covered), the call fails, every later write, Flush and
+// Close fail with an error wrapping it, and the file, reopened, is a valid
+// image holding what was durable before plus old or new data for the rest.
+func TestCrashMutantFailedSync(t *testing.T) {
+	for _, c := range []crashConfig{{version: 3, cs: 512}, {version: 1, cs: 512}} {
+		for _, through := range []bool{false, true} {
+			for k := 0; k < 3; k++ { // the k-th barrier after the first flush fails
+				ffs, im := mutOpen(t, c, 64<<10, Options{WriteThrough: through})
+				m := crashModel(64<<10, nil)
+				p := crashData(1500, 15)
+				if _, err := im.WriteAt(p, 100); err != nil {
+					t.Fatal(err)
+				}
+				m.Write(p, 100)
+				if err := im.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				m.Flush()
+				ffs.SetInjector(faultfs.Rule(&nthSync{n: k + 1, hit: -1, seen: map[int]bool{}}, faultfs.FsyncDrop))
+				var failed error
+				for i, off := range []int64{5000, 20000, 40000} {
+					q := crashData(700, uint64(16+i))
+					if _, err := im.WriteAt(q, off); err != nil {
+						m.FailedWrite(q, off)
+						failed = err
+						break
+					}
+					m.Write(q, off)
+				}
+				if failed == nil {
+					failed = im.Flush()
+				}
+				if failed == nil && k > 0 {
+					im.Close() // fewer than k+1 barriers in this mode
+					continue
+				}
+				ffs.SetInjector(nil)
+				if !errors.Is(failed, faultfs.ErrInjected) {
+					t.Fatalf("%s wt=%v k=%d: %v, want the injected error", c, through, k, failed)
+				}
+				if _, err := im.WriteAt(p, 0); err == nil || !errors.Is(err, faultfs.ErrInjected) {
+					t.Fatalf("%s wt=%v k=%d: a write after a failed barrier: %v", c, through, k, err)
+				}
+				if err := im.Flush(); err == nil {
+					t.Fatalf("%s wt=%v k=%d: Flush after a failed barrier succeeded", c, through, k)
+				}
+				if err := im.Close(); err == nil {
+					t.Fatalf("%s wt=%v k=%d: Close after a failed barrier succeeded", c, through, k)
+				}
+				m.Crash()
+				if err := crashVerify(ffs, m, -1); err != nil {
+					t.Fatalf("%s wt=%v k=%d: reopened: %v", c, through, k, err)
+				}
+			}
+		}
+	}
+}
+
+// nthSync matches the n-th barrier (fsync, fdatasync, sync_file_range) it
+// sees, and only that one, however often it is asked about it.
+type nthSync struct {
+	n, hit int
+	seen   map[int]bool
+}
+
+func (s *nthSync) String() string { return fmt.Sprintf("(nth-sync %d)", s.n) }
+
+func (s *nthSync) Match(op faultfs.Op) bool {
+	if faultfs.SyncKinds.Has(op.Kind) && !s.seen[op.Index] {
+		s.seen[op.Index] = true
+		if len(s.seen) == s.n {
+			s.hit = op.Index
+		}
+	}
+	return op.Index == s.hit
 }
