@@ -408,12 +408,8 @@ func (d *Disk) scanData(off int64, data, initial []byte, adopt bool, observed *[
 			}
 			continue
 		}
-		a := d.match(st, v)
-		if a == nil {
-			return d.mismatch(s, v)
-		}
-		if adopt && (d.crashed || len(st.current) > 1) {
-			*observed = append(*observed, observation{s, a})
+		if err := d.judgeTouched(s, st, v, adopt, observed); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -443,13 +439,22 @@ func (d *Disk) scanZero(off, n int64, adopt bool, observed *[]observation) error
 			}
 			continue
 		}
-		a := d.match(st, v)
-		if a == nil {
-			return d.mismatch(s, v)
+		if err := d.judgeTouched(s, st, v, adopt, observed); err != nil {
+			return err
 		}
-		if adopt && (d.crashed || len(st.current) > 1) {
-			*observed = append(*observed, observation{s, a})
-		}
+	}
+	return nil
+}
+
+// judgeTouched verifies that the written sector s (state st) may hold v,
+// noting the value for the adoption when adopt is set.
+func (d *Disk) judgeTouched(s int64, st *sector, v []byte, adopt bool, observed *[]observation) error {
+	a := d.match(st, v)
+	if a == nil {
+		return d.mismatch(s, v)
+	}
+	if adopt && (d.crashed || len(st.current) > 1) {
+		*observed = append(*observed, observation{s, a})
 	}
 	return nil
 }

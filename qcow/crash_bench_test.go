@@ -5,7 +5,6 @@ import (
 	"testing"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
-	"github.com/qcowcrash/qcowcrash/model"
 )
 
 // BenchmarkCrashCheck measures crash states checked per second: open,
@@ -19,12 +18,7 @@ func BenchmarkCrashCheck(b *testing.B) {
 	// One model per crash point, as the harness builds it: the ops'
 	// data made once, the model for a point built when its first state
 	// is checked and shared (Verify does not change it) by the others.
-	data := make([][]byte, len(w.ops))
-	for i, op := range w.ops {
-		if op.kind == "write" {
-			data[i] = crashData(op.n, op.seed)
-		}
-	}
+	data := exData(w)
 	var v *diffVerifier
 	mPoint := -1
 	whole, partial := 0, 0
@@ -35,7 +29,7 @@ func BenchmarkCrashCheck(b *testing.B) {
 			if v != nil {
 				whole, partial = whole+v.whole_, partial+v.partial
 			}
-			m := benchModel(w, data, base, ends, points[k])
+			m := exModelData(w, data, base, ends, points[k])
 			v, mPoint = newDiffVerifier(bw.pts[k], faultfs.Torn, m, pool[k].Names()), points[k]
 		}
 		if err := crashVerifyContent(pool[k], -1, v.content); err != nil {
@@ -109,29 +103,4 @@ func benchWorkload(b testing.TB) benchCase {
 		}
 	}
 	return benchCase{w, base, ends, pool, points, pts}
-}
-
-// benchModel is exModel with the ops' data made beforehand.
-func benchModel(w exWorkload, data [][]byte, base []byte, ends []int, n int) *model.Disk {
-	m := crashModel(w.size, base)
-	for i, op := range w.ops {
-		done := ends[i] <= n
-		switch {
-		case op.kind == "write" && done:
-			m.Write(data[i], op.off)
-		case op.kind == "write":
-			m.FailedWrite(data[i], op.off)
-		case op.kind == "zero" && done:
-			m.WriteZeroes(op.off, op.n)
-		case op.kind == "zero":
-			m.FailedWriteZeroes(op.off, op.n)
-		case op.kind == "flush" && done:
-			m.Flush()
-		}
-		if !done {
-			break
-		}
-	}
-	m.Crash()
-	return m
 }

@@ -225,14 +225,30 @@ func exApply(im *Image, op exOp) error {
 // that had returned by then are acknowledged, the one in flight may or may
 // not have happened (a failed write), then a crash.
 func exModel(w exWorkload, base []byte, ends []int, n int) *model.Disk {
+	return exModelData(w, exData(w), base, ends, n)
+}
+
+// exData returns the bytes of each write op of w (nil for the others).
+func exData(w exWorkload) [][]byte {
+	data := make([][]byte, len(w.ops))
+	for i, op := range w.ops {
+		if op.kind == "write" {
+			data[i] = crashData(op.n, op.seed)
+		}
+	}
+	return data
+}
+
+// exModelData is exModel with the ops' bytes made beforehand (exData).
+func exModelData(w exWorkload, data [][]byte, base []byte, ends []int, n int) *model.Disk {
 	m := crashModel(w.size, base)
 	for i, op := range w.ops {
 		done := ends[i] <= n
 		switch {
 		case op.kind == "write" && done:
-			m.Write(crashData(op.n, op.seed), op.off)
+			m.Write(data[i], op.off)
 		case op.kind == "write":
-			m.FailedWrite(crashData(op.n, op.seed), op.off)
+			m.FailedWrite(data[i], op.off)
 		case op.kind == "zero" && done:
 			m.WriteZeroes(op.off, op.n)
 		case op.kind == "zero":
