@@ -1876,3 +1876,119 @@ func (s *nthSync) Match(op faultfs.Op) bool {
 	}
 	return op.Index == s.hit
 }
+
+// mutWrites counts the write operations in ffs's log after position from.
+func mutWrites(ffs *faultfs.FS, from int) int {
+	n := 0
+	for _, op := range ffs.Log()[from:] {
+		if op.Kind == faultfs.OpWrite || op.Kind == faultfs.OpTruncate {
+			n++
+		}
+	}
+	return n
+}
+
+// TestCrashMutantZeroes: zeroing what already reads as zeros in an image
+// without a backing file (unallocated clusters; on version 3, zero
+// clusters) changes nothing and writes nothing; zeroing a whole data
+// cluster of a version 3 image makes it a zero cluster and frees the old
+// cluster; over a backing file, zeroing hides the backing data.
+func TestCrashMutantZeroes(t *testing.T) {
+	const cs = 512
+	for _, c := range []crashConfig{{version: 3, cs: cs}, {version: 2, cs: cs}, {version: 1, cs: cs}} {
+		ffs, im := mutOpen(t, c, 256<<10, Options{})
+		m := crashModel(256<<10, nil)
+		// Unallocated, no backing file: nothing to do.
+		n0 := len(ffs.Log())
+		if err := im.WriteZeroes(100, 100<<10); err != nil {
+			t.Fatal(err)
+		}
+		if err := im.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if k := mutWrites(ffs, n0); k != 0 || im.l1[0] != 0 {
+			t.Fatalf("%s: zeroing unallocated clusters wrote %d times (L1[0] %#x)", c, k, im.l1[0])
+		}
+		// Whole data clusters.
+		p := crashData(4*cs, 17)
+		if _, err := im.WriteAt(p, 8*cs); err != nil {
+			t.Fatal(err)
+		}
+		m.Write(p, 8*cs)
+		if err := im.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		l2off, err := im.l1Entry(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l2, err := im.l2Table(l2off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		old := int64(l2[9] & l2OffsetMask)
+		if err := im.WriteZeroes(9*cs, 2*cs); err != nil {
+			t.Fatal(err)
+		}
+		m.WriteZeroes(9*cs, 2*cs)
+		if err := im.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		m.Flush()
+		l2, _ = im.l2Table(l2off)
+		if c.version == 3 {
+			if l2[9]&^flagCopied != flagZero || l2[10]&^flagCopied != flagZero {
+				t.Fatalf("%s: zeroed whole clusters have entries %#x %#x, want zero clusters", c, l2[9], l2[10])
+			}
+			if v, err := im.w.rc.get(old / cs); err != nil || v != 0 {
+				t.Fatalf("%s: the old cluster of a zeroed one has refcount %d (%v), want 0", c, v, err)
+			}
+			// Zeroing zero clusters again: nothing changes, nothing is written.
+			n0 := len(ffs.Log())
+			if err := im.WriteZeroes(9*cs, 2*cs); err != nil {
+				t.Fatal(err)
+			}
+			if len(im.w.l2) != 0 {
+				t.Fatalf("%s: zeroing zero clusters dirtied %d L2 tables", c, len(im.w.l2))
+			}
+			if err := im.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if k := mutWrites(ffs, n0); k != 0 {
+				t.Fatalf("%s: zeroing zero clusters wrote %d times", c, k)
+			}
+		} else if int64(l2[9]&l2OffsetMask) != old {
+			t.Fatalf("%s: version %d has no zero clusters: the cluster must stay (entry %#x, was at %#x)", c, c.version, l2[9], old)
+		}
+		if err := im.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := crashVerify(ffs, m, 0); err != nil {
+			t.Fatalf("%s: %v", c, err)
+		}
+	}
+
+	// Over a backing file, whole and partial clusters, allocated or not.
+	for _, c := range []crashConfig{{version: 3, cs: cs, backing: true}, {version: 2, cs: cs, backing: true}, {version: 1, cs: cs, backing: true}} {
+		mem, base := crashSetup(t, c, 64<<10, 18)
+		ffs := faultfs.New(mem)
+		im, err := Open(ffs, "img", &Options{ReadWrite: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := crashModel(64<<10, base)
+		for _, z := range [][2]int64{{0, 2 * cs}, {3*cs + 100, 200}, {5 * cs, 3*cs + 7*512}} {
+			if err := im.WriteZeroes(z[0], z[1]); err != nil {
+				t.Fatal(err)
+			}
+			m.WriteZeroes(z[0], z[1])
+		}
+		if err := im.Close(); err != nil {
+			t.Fatal(err)
+		}
+		m.Flush()
+		if err := crashVerify(ffs, m, 0); err != nil {
+			t.Fatalf("%s: %v", c, err)
+		}
+	}
+}
