@@ -912,8 +912,12 @@ func TestCrashMutantRefcountTableLimit(t *testing.T) {
 		}
 		a, err := planRefcountArea(g, start, start, 1, 0, func(int64) bool { return false }, false)
 		if err != nil {
-			if !errors.Is(err, ErrLimit) || !strings.Contains(err.Error(), fmt.Sprintf("limit %d", MaxRefcountTableBytes)) {
-				t.Fatalf("start %d: %v; want ErrLimit naming the limit", start, err)
+			var need int64
+			msg := err.Error()
+			_, scanErr := fmt.Sscanf(msg[max(strings.Index(msg, "would need"), 0):], "would need %d bytes", &need)
+			if !errors.Is(err, ErrLimit) || !strings.Contains(err.Error(), fmt.Sprintf("limit %d", MaxRefcountTableBytes)) ||
+				scanErr != nil || need <= MaxRefcountTableBytes || need%cs != 0 {
+				t.Fatalf("start %d: %v; want ErrLimit naming the bytes needed and the limit", start, err)
 			}
 			break
 		}
