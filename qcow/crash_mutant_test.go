@@ -52,6 +52,25 @@ func mutClean(t *testing.T, fsys vfs.FS) {
 	}
 }
 
+// mutNoRefsPastEnd requires that no cluster at or past the end of the file
+// "img" in fsys has a refcount: a writable open, which allocates after the
+// last such cluster, must allocate right at the end of the file.
+func mutNoRefsPastEnd(t *testing.T, fsys vfs.FS) {
+	t.Helper()
+	st, err := fsys.Stat("img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(fsys, "img", &Options{ReadWrite: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	if want := (st.Size() + im.w.cs - 1) &^ (im.w.cs - 1); im.w.end != want {
+		t.Fatalf("clusters past the end of the file (%d bytes) have refcounts: the next allocation is at %d", st.Size(), im.w.end)
+	}
+}
+
 // TestCrashMutantAllocBounds: alloc refuses a non-positive count and any
 // allocation that would end beyond MaxHostOffset, without moving the end of
 // the file; otherwise it returns the old end and moves it by n clusters.
@@ -301,6 +320,7 @@ func TestCrashMutantGrowL1(t *testing.T) {
 			t.Fatal(err)
 		}
 		mutClean(t, ffs)
+		mutNoRefsPastEnd(t, ffs)
 		im, err := Open(ffs, "img", nil)
 		if err != nil {
 			t.Fatal(err)
@@ -323,10 +343,15 @@ func TestCrashMutantRefcountBatches(t *testing.T) {
 	ffs, im := mutOpen(t, c, 16<<20, Options{})
 	const n = 8 << 20
 	data := crashData(n, 5)
+	rtOff := im.w.rc.rtOff
 	for off := int64(0); off < n; off += 64 << 10 {
 		if _, err := im.WriteAt(data[off:off+64<<10], off); err != nil {
 			t.Fatal(err)
 		}
+		mutMetaComplete(t, im)
+	}
+	if im.w.rc.rtOff == rtOff {
+		t.Fatal("the refcount table did not move")
 	}
 	if err := im.Flush(); err != nil {
 		t.Fatal(err)
@@ -353,6 +378,7 @@ func TestCrashMutantRefcountBatches(t *testing.T) {
 		t.Fatal(err)
 	}
 	mutClean(t, ffs)
+	mutNoRefsPastEnd(t, ffs)
 }
 
 // TestCrashMutantCreateEdges creates images at the edges of what Create
@@ -1165,6 +1191,7 @@ func TestCrashMutantCoverAhead(t *testing.T) {
 			t.Fatal(err)
 		}
 		mutClean(t, ffs)
+		mutNoRefsPastEnd(t, ffs)
 	}
 }
 
@@ -1994,5 +2021,42 @@ func TestCrashMutantZeroes(t *testing.T) {
 		if err := crashVerify(ffs, m, 0); err != nil {
 			t.Fatalf("%s: %v", c, err)
 		}
+	}
+}
+
+// TestCrashMutantLastCover: when the last allocation before Close is a data
+// cluster that needs new refcount blocks, no cluster past the new blocks
+// gets a refcount (it would be lost past the end of the file).
+func TestCrashMutantLastCover(t *testing.T) {
+	const cs = 512
+	for _, through := range []bool{false, true} {
+		c := crashConfig{version: 3, cs: cs, rcBits: 64} // 64 refcounts per block, 64 entries per L2 table
+		ffs, im := mutOpen(t, c, 4<<20, Options{WriteThrough: through})
+		blocks := func() int {
+			n := 0
+			for _, e := range im.w.rc.rt {
+				if e != 0 {
+					n++
+				}
+			}
+			return n
+		}
+		for i := int64(1); ; i++ {
+			if i == 4<<20/cs {
+				t.Fatal("no data cluster needed a new refcount block")
+			}
+			before := blocks()
+			if _, err := im.WriteAt(crashData(cs, uint64(i)), i*cs); err != nil {
+				t.Fatal(err)
+			}
+			if blocks() != before && i%64 != 0 { // not an L2 table's first cluster
+				break
+			}
+		}
+		if err := im.Close(); err != nil {
+			t.Fatal(err)
+		}
+		mutClean(t, ffs)
+		mutNoRefsPastEnd(t, ffs)
 	}
 }
