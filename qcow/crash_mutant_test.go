@@ -2060,3 +2060,60 @@ func TestCrashMutantLastCover(t *testing.T) {
 		mutNoRefsPastEnd(t, ffs)
 	}
 }
+
+// TestCrashMutantRollbackInPlace: a write-through write across two L2
+// tables changes an entry in each in place (flush stage 3); when the second
+// of those writes fails, the rollback rewrites the first with its old
+// value, so that nothing on disk points at the clusters the truncate cut.
+func TestCrashMutantRollbackInPlace(t *testing.T) {
+	const cs = 512 // an L2 table maps 64 clusters
+	for _, v := range []int{1, 2, 3} {
+		c := crashConfig{version: v, cs: cs}
+		ffs, im := mutOpen(t, c, 256<<10, Options{WriteThrough: true})
+		m := crashModel(256<<10, nil)
+		for _, off := range []int64{0, 64 * cs} { // two L2 tables
+			p := crashData(cs, uint64(off))
+			if _, err := im.WriteAt(p, off); err != nil {
+				t.Fatal(err)
+			}
+			m.Write(p, off)
+		}
+		m.Flush()
+		second, err := im.l1Entry(1)
+		if err != nil || second == 0 {
+			t.Fatalf("%s: no second L2 table (%v)", c, err)
+		}
+		// Entry 1 of the second table (guest cluster 65) changes in place.
+		at := int64(second) + 8
+		ffs.SetInjector(faultfs.Rule(&mutFirst{p: faultfs.And(faultfs.Kinds(faultfs.KindSet(faultfs.OpWrite)), faultfs.OffsetRange(at, at+8)), hit: -1}, faultfs.EIO))
+		p := crashData(3*cs, 19)
+		_, err = im.WriteAt(p, 63*cs) // guest clusters 63, 64 (in place) and 65
+		ffs.SetInjector(nil)
+		if !errors.Is(err, faultfs.ErrInjected) {
+			t.Fatalf("%s: the write across two L2 tables: %v, want the injected error", c, err)
+		}
+		m.FailedWrite(p, 63*cs)
+		if err := im.Close(); err != nil {
+			t.Fatal(err)
+		}
+		m.Flush()
+		if err := crashVerify(ffs, m, 0); err != nil {
+			t.Fatalf("%s: after the rollback: %v", c, err)
+		}
+	}
+}
+
+// mutFirst matches the first operation p matches, and only that one.
+type mutFirst struct {
+	p   faultfs.Predicate
+	hit int
+}
+
+func (f *mutFirst) String() string { return "(first " + f.p.String() + ")" }
+
+func (f *mutFirst) Match(op faultfs.Op) bool {
+	if f.hit < 0 && f.p.Match(op) {
+		f.hit = op.Index
+	}
+	return op.Index == f.hit
+}
