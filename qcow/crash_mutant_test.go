@@ -1345,6 +1345,14 @@ func TestCrashMutantWriteBackDefers(t *testing.T) {
 	if k := syncs(); k == 0 {
 		t.Fatal("Flush issued no barrier")
 	}
+	// Nothing dirty: a second Flush does nothing at all.
+	n0 := len(ffs.Log())
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(ffs.Log()) - n0; n != 0 {
+		t.Fatalf("a Flush with nothing to write did %d file operations", n)
+	}
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -1670,6 +1678,40 @@ func TestCrashMutantResize(t *testing.T) {
 		t.Fatalf("crash after the resize: %v", err)
 	}
 	im.Close()
+}
+
+// TestCrashMutantL2CacheExact: write-back mode keeps exactly as many dirty
+// L2 tables as L2CacheBytes holds before it writes them early.
+func TestCrashMutantL2CacheExact(t *testing.T) {
+	const cs = 512 // an L2 table of one cluster maps 64 clusters
+	ffs, im := mutOpen(t, crashConfig{version: 3, cs: cs}, 1<<20, Options{L2CacheBytes: 4 * cs})
+	n0 := len(ffs.Log())
+	for _, vcl := range []int64{0, 64, 128, 192, 1, 65} { // 4 tables, then 2 more writes into them
+		if _, err := im.WriteAt(crashData(cs, uint64(vcl)), vcl*cs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, op := range ffs.Log()[n0:] {
+		if faultfs.SyncKinds.Has(op.Kind) {
+			t.Fatalf("a barrier (op %s) with 4 dirty L2 tables in a cache of 4", op.Kind)
+		}
+	}
+	if len(im.w.l2) != 4 {
+		t.Fatalf("%d dirty L2 tables, want 4", len(im.w.l2))
+	}
+	if _, err := im.WriteAt(crashData(cs, 9), 256*cs); err != nil { // a fifth table
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(crashData(cs, 10), 2*cs); err != nil { // over the limit: flushed first
+		t.Fatal(err)
+	}
+	if len(im.w.l2) > 1 {
+		t.Fatalf("%d dirty L2 tables after the cache overflowed", len(im.w.l2))
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mutClean(t, ffs)
 }
 
 // TestCrashMutantWriteBackBounded: with small cache sizes, write-back mode
@@ -2061,17 +2103,21 @@ func TestCrashMutantLastCover(t *testing.T) {
 	}
 }
 
-// TestCrashMutantRollbackInPlace: a write-through write across two L2
-// tables changes an entry in each in place (flush stage 3); when the second
-// of those writes fails, the rollback rewrites the first with its old
-// value, so that nothing on disk points at the clusters the truncate cut.
+// TestCrashMutantRollbackInPlace: a write-through write across three L2
+// tables changes entries of each in place (flush stage 3); when the last of
+// those writes fails, the rollback rewrites the first two with their old
+// values durably before it truncates, restores the in-memory state (the
+// next allocation goes where the failed one went, the writer knows the
+// file's size), and leaves no refcount past the end of the file: every
+// crash state from the failure on is a valid image, and so is the image
+// after Close.
 func TestCrashMutantRollbackInPlace(t *testing.T) {
 	const cs = 512 // an L2 table maps 64 clusters
 	for _, v := range []int{1, 2, 3} {
 		c := crashConfig{version: v, cs: cs}
 		ffs, im := mutOpen(t, c, 256<<10, Options{WriteThrough: true})
 		m := crashModel(256<<10, nil)
-		for _, off := range []int64{0, 64 * cs} { // two L2 tables
+		for _, off := range []int64{0, 64 * cs, 128 * cs} { // three L2 tables
 			p := crashData(cs, uint64(off))
 			if _, err := im.WriteAt(p, off); err != nil {
 				t.Fatal(err)
@@ -2079,20 +2125,55 @@ func TestCrashMutantRollbackInPlace(t *testing.T) {
 			m.Write(p, off)
 		}
 		m.Flush()
-		second, err := im.l1Entry(1)
-		if err != nil || second == 0 {
-			t.Fatalf("%s: no second L2 table (%v)", c, err)
+		third, err := im.l1Entry(2)
+		if err != nil || third == 0 {
+			t.Fatalf("%s: no third L2 table (%v)", c, err)
 		}
-		// Entry 1 of the second table (guest cluster 65) changes in place.
-		at := int64(second) + 8
+		// Entry 1 of the third table (guest cluster 129) changes in place
+		// last.
+		at := int64(third) + 8
 		ffs.SetInjector(faultfs.Rule(&mutFirst{p: faultfs.And(faultfs.Kinds(faultfs.KindSet(faultfs.OpWrite)), faultfs.OffsetRange(at, at+8)), hit: -1}, faultfs.EIO))
-		p := crashData(3*cs, 19)
-		_, err = im.WriteAt(p, 63*cs) // guest clusters 63, 64 (in place) and 65
+		end := im.w.end
+		n0 := len(ffs.Log())
+		p := crashData(67*cs, 19)
+		_, err = im.WriteAt(p, 63*cs) // guest clusters 63 to 129
 		ffs.SetInjector(nil)
 		if !errors.Is(err, faultfs.ErrInjected) {
-			t.Fatalf("%s: the write across two L2 tables: %v, want the injected error", c, err)
+			t.Fatalf("%s: the write across three L2 tables: %v, want the injected error", c, err)
 		}
 		m.FailedWrite(p, 63*cs)
+		st, err := ffs.Stat("img")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if im.w.end != end || im.w.fileSize != st.Size() {
+			t.Fatalf("%s: after the rollback: next allocation at %d (was %d), file size %d known as %d", c, im.w.end, end, st.Size(), im.w.fileSize)
+		}
+		crashed := func() *model.Disk { // a fresh model per state: Check adopts what it sees
+			mc := crashModel(256<<10, nil)
+			for _, off := range []int64{0, 64 * cs, 128 * cs} {
+				mc.Write(crashData(cs, uint64(off)), off)
+			}
+			mc.Flush()
+			mc.FailedWrite(p, 63*cs)
+			mc.Crash()
+			return mc
+		}
+		states := 0
+		for pt := range ffs.Recording().Points() {
+			if pt.Ops() < n0 {
+				continue
+			}
+			for s := range pt.States(faultfs.Torn, 20, 4) {
+				states++
+				if err := crashVerify(s, crashed(), -1); err != nil {
+					t.Fatalf("%s: crash after op %d of the rollback (%s): %v", c, pt.Ops(), s, err)
+				}
+			}
+		}
+		if states == 0 {
+			t.Fatalf("%s: no crash state after the failure", c)
+		}
 		if err := im.Close(); err != nil {
 			t.Fatal(err)
 		}
@@ -2100,6 +2181,7 @@ func TestCrashMutantRollbackInPlace(t *testing.T) {
 		if err := crashVerify(ffs, m, 0); err != nil {
 			t.Fatalf("%s: after the rollback: %v", c, err)
 		}
+		mutNoRefsPastEnd(t, ffs)
 	}
 }
 
