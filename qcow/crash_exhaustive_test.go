@@ -184,17 +184,7 @@ func exCompressed(t testing.TB) (*vfs.MemFS, []byte) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mem := vfs.NewMem()
-	f, err := mem.Create("img")
-	if err == nil {
-		_, err = f.WriteAt(b, 0)
-	}
-	if err == nil {
-		err = f.Close()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
+	mem := crashMemImage(t, b)
 	im, err := Open(mem, "img", nil)
 	if err != nil {
 		t.Fatal(err)

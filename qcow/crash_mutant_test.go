@@ -1051,17 +1051,7 @@ func TestCrashMutantRefcountLookups(t *testing.T) {
 			t.Fatalf("%s: refcount table entry 1 is in use", tt.base)
 		}
 		binary.BigEndian.PutUint64(img[at:], entry)
-		mem := vfs.NewMem()
-		f, err := mem.Create("img")
-		if err == nil {
-			_, err = f.WriteAt(img, 0)
-		}
-		if err == nil {
-			err = f.Close()
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+		mem := crashMemImage(t, img)
 		im, err := Open(mem, "img", &Options{ReadWrite: true})
 		var fe *FormatError
 		if !errors.As(err, &fe) || fe.Field != "refcount_table_entry" || fe.Offset != at || fe.Value != entry || !errors.Is(err, ErrFormat) {

@@ -280,3 +280,20 @@ func crashUsable(im *Image, m *model.Disk, off int64, seed uint64) error {
 
 // crashInjected reports whether err wraps an error injected by faultfs.
 func crashInjected(err error) bool { return errors.Is(err, faultfs.ErrInjected) }
+
+// crashMemImage returns a memory file system holding b as the file "img".
+func crashMemImage(t testing.TB, b []byte) *vfs.MemFS {
+	t.Helper()
+	mem := vfs.NewMem()
+	f, err := mem.Create("img")
+	if err == nil {
+		_, err = f.WriteAt(b, 0)
+	}
+	if err == nil {
+		err = f.Close()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mem
+}
