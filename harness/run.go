@@ -163,9 +163,14 @@ func (r *run) crashTimes(rec *faultfs.Recording) iter.Seq2[*faultfs.Point, int] 
 			if !yield(prev, prev.Ops()) {
 				return false
 			}
+			// r.ends ascends: ops are recorded one after another.
 			last := prev.Ops()
-			for _, e := range slices.Sorted(slices.Values(r.ends)) {
-				if e > last && e < next {
+			i, _ := slices.BinarySearch(r.ends, last+1)
+			for _, e := range r.ends[i:] {
+				if e >= next {
+					break
+				}
+				if e > last {
 					if !yield(prev, e) {
 						return false
 					}

@@ -27,7 +27,7 @@ func BenchmarkCrashCheck(b *testing.B) {
 		k := n % len(pool)
 		if points[k] != mPoint || k == 0 {
 			if v != nil {
-				whole, partial = whole+v.whole_, partial+v.partial
+				whole, partial = whole+v.wholeN, partial+v.partialN
 			}
 			m := exModelData(w, data, base, ends, points[k])
 			v, mPoint = newDiffVerifier(bw.pts[k], faultfs.Torn, m, pool[k].Names()), points[k]
@@ -37,7 +37,7 @@ func BenchmarkCrashCheck(b *testing.B) {
 		}
 	}
 	b.StopTimer()
-	whole, partial = whole+v.whole_, partial+v.partial
+	whole, partial = whole+v.wholeN, partial+v.partialN
 	b.ReportMetric(float64(partial)/float64(whole+partial), "diff-fraction")
 	crashStates.Add(int64(b.N))
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "states/s")

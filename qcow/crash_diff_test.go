@@ -30,7 +30,7 @@ type diffVerifier struct {
 	whole bool             // verify every state whole
 	ref   [][]extent       // per guest cluster, the first state's extents
 	// Whole and partial count the states verified each way.
-	whole_, partial int
+	wholeN, partialN int
 }
 
 // newDiffVerifier returns the verifier of the states of model mdl at point
@@ -56,7 +56,7 @@ func newDiffVerifier(p *faultfs.Point, mdl faultfs.Model, m *model.Disk, names [
 func (v *diffVerifier) content(r io.ReaderAt) error {
 	im := r.(wtSizedReader).im
 	if v.whole {
-		v.whole_++
+		v.wholeN++
 		return v.m.Verify(r)
 	}
 	exts, err := guestExtents(im)
@@ -69,7 +69,7 @@ func (v *diffVerifier) content(r io.ReaderAt) error {
 		if v.overlaps(0, cs) || v.overlaps(l1.Off, l1.Len) || v.overlaps(int64(im.h.backingOff), int64(im.h.backingLen)) || im.dataFile != im.f {
 			v.whole = true
 		}
-		v.whole_++
+		v.wholeN++
 		if err := v.m.Verify(r); err != nil {
 			return err
 		}
@@ -78,7 +78,7 @@ func (v *diffVerifier) content(r io.ReaderAt) error {
 		}
 		return nil
 	}
-	v.partial++
+	v.partialN++
 	cs := im.clusterSize
 	if len(exts) != len(v.ref) {
 		return v.m.Verify(r)
