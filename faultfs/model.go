@@ -150,7 +150,7 @@ func (r *Recording) Points() iter.Seq[*Point] {
 		for i := range r.ops {
 			if w.apply(&r.ops[i]) {
 				next := newPoint(w.freeze(), i+1)
-				next.prev = p.built()
+				next.prev = p.handOn()
 				p = next
 				if !yield(p) {
 					return
@@ -312,6 +312,22 @@ func (p *Point) built() map[int64]*layout {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return maps.Clone(p.lays)
+}
+
+// handOn returns the layouts the next point of a Points iteration may
+// extend: those p built, and for unit sizes p never built, the ones p was
+// handed. So a caller that visits only every k-th point still extends
+// layouts instead of building each from scratch.
+func (p *Point) handOn() map[int64]*layout {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := maps.Clone(p.lays)
+	for unit, l := range p.prev {
+		if out[unit] == nil {
+			out[unit] = l
+		}
+	}
+	return out
 }
 
 func (p *Point) layout(unit int64) *layout {

@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -65,7 +66,8 @@ type view struct {
 	gseed  uint64
 }
 
-// read fills p with the crash contents at off.
+// read fills p with the crash contents at off: runs of durable bytes in
+// one read, each pending unit from its chosen version.
 func (v *view) read(p []byte, off int64) {
 	fl := v.fl
 	if len(fl.units) == 0 {
@@ -73,16 +75,25 @@ func (v *view) read(p []byte, off int64) {
 		return
 	}
 	U := v.unit
+	// units is sorted; i walks it alongside the read: units[i] is the
+	// first pending unit at or after the current position.
+	i, _ := slices.BinarySearch(fl.units, off/U)
 	for done := 0; done < len(p); {
 		pos := off + int64(done)
-		u, in := pos/U, pos%U
-		c := int(min(U-in, int64(len(p)-done)))
-		if s, ok := fl.slot[u]; ok {
-			copy(p[done:done+c], fl.unitBytes(s, v.choice[s], U, v.gseed)[in:])
-		} else {
-			fl.ino.dur.readAt(p[done:done+c], pos)
+		if i < len(fl.units) && fl.units[i] == pos/U {
+			in := pos % U
+			c := int(min(U-in, int64(len(p)-done)))
+			copy(p[done:done+c], fl.unitBytes(int32(i), v.choice[i], U, v.gseed)[in:])
+			done += c
+			i++
+			continue
 		}
-		done += c
+		end := len(p)
+		if i < len(fl.units) {
+			end = int(min(int64(end), fl.units[i]*U-off))
+		}
+		fl.ino.dur.readAt(p[done:end], pos)
+		done = end
 	}
 }
 

@@ -292,11 +292,13 @@ func (im *Image) openV2() error {
 	if c0 > im.fileSize {
 		c0 = im.fileSize
 	}
-	buf := make([]byte, c0)
-	if err := im.readFull(buf, 0); err != nil {
-		return err
+	buf := getBuf(int(c0))
+	err = im.readFull(buf, 0)
+	var h *header
+	if err == nil {
+		h, err = parseV2Header(buf, im.fileSize) // keeps no reference to buf
 	}
-	h, err := parseV2Header(buf, im.fileSize)
+	putBuf(buf)
 	if err != nil {
 		return err
 	}
@@ -352,7 +354,8 @@ func (im *Image) loadL1() error {
 
 // readTable reads n big-endian 64-bit entries at off. Callers bound n.
 func (im *Image) readTable(off int64, n int) ([]uint64, error) {
-	buf := make([]byte, n*8)
+	buf := getBuf(n * 8)
+	defer putBuf(buf)
 	if err := im.readFull(buf, off); err != nil {
 		return nil, err
 	}

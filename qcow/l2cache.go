@@ -63,7 +63,8 @@ func (im *Image) l2Table(off uint64) ([]uint64, error) {
 		return t, nil
 	}
 	n := im.l2Bytes()
-	buf := make([]byte, n)
+	buf := getBuf(int(n))
+	defer putBuf(buf)
 	if err := im.readFull(buf, int64(off)); err != nil {
 		return nil, err
 	}

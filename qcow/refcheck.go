@@ -1,6 +1,7 @@
 package qcow
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -129,7 +130,9 @@ func (im *Image) check() (*CheckResult, error) {
 	}
 	switch im.format {
 	case FormatQCOW2:
-		return newChecker(im).run()
+		c := newChecker(im)
+		defer c.release()
+		return c.run()
 	case FormatQCOW:
 		return newChecker(im).runV1()
 	}
@@ -276,10 +279,12 @@ type checker struct {
 	refs     refArray
 	refMax   uint64
 
-	rt       []uint64 // refcount table
+	rt       []uint64 // refcount table up to its last non-zero entry
+	rtLen    int      // entries in the whole refcount table
 	rbBits   uint32   // log2 of refcount entries per refcount block
 	rbCache  [refBlockCacheLen]rbEntry
 	rbNext   int
+	rbLast   int // the entry of rbCache that answered last
 	extL2    bool
 	dataFile bool
 
@@ -367,14 +372,16 @@ func (c *checker) corrupt(n uint64, off int64, format string, args ...any) {
 // readPadded reads n bytes at off; bytes beyond the end of the file read as
 // zeros, as they do in qemu. Other read errors stop the check.
 func (c *checker) readPadded(off int64, n int64) []byte {
-	buf := make([]byte, n)
+	buf := getBuf(int(n))
 	// A negative offset (a hostile 64-bit offset cast to int64) lies
 	// outside the file like one beyond its end: callers report the range.
 	if c.err != nil || off < 0 || off >= c.fileSize {
+		clear(buf)
 		return buf
 	}
 	want := min(n, c.fileSize-off)
 	got, err := c.im.f.ReadAt(buf[:want], off)
+	clear(buf[max(got, 0):])
 	if int64(got) < want && (err == nil || errors.Is(err, io.EOF)) {
 		// The file shrank under us: treat the rest as zeros.
 		err = nil
@@ -383,6 +390,24 @@ func (c *checker) readPadded(off int64, n int64) []byte {
 		c.err = fmt.Errorf("qcow: %s: check: read %d bytes at %#x: %w", c.im.name, want, off, err)
 	}
 	return buf
+}
+
+// zeroBlockLen is the block size in which tables are scanned for zeros:
+// the smallest cluster size.
+const zeroBlockLen = 512
+
+// isZero reports whether b (at most SparseBlock bytes) is all zeros.
+func isZero(b []byte) bool { return bytes.Equal(b, zeroBlock[:len(b)]) }
+
+// release returns the checker's cached refcount blocks to the buffer pool;
+// the checker must not be used after.
+func (c *checker) release() {
+	for i, e := range c.rbCache {
+		if e.buf != nil {
+			putBuf(e.buf)
+		}
+		c.rbCache[i] = rbEntry{}
+	}
 }
 
 // ref counts m references of kind k to the host range [off, off+size),
@@ -435,13 +460,21 @@ func (c *checker) onDisk(i int64) (v uint64, ok bool) {
 
 // refBlock returns the refcount block at off through a small cache.
 func (c *checker) refBlock(off uint64) []byte {
-	for _, e := range c.rbCache {
+	if e := c.rbCache[c.rbLast]; e.buf != nil && e.off == off {
+		return e.buf // the common case: the block of the last lookup
+	}
+	for i, e := range c.rbCache {
 		if e.buf != nil && e.off == off {
+			c.rbLast = i
 			return e.buf
 		}
 	}
 	buf := c.readPadded(int64(off), c.cs)
+	if old := c.rbCache[c.rbNext].buf; old != nil {
+		putBuf(old)
+	}
 	c.rbCache[c.rbNext] = rbEntry{off: off, buf: buf}
+	c.rbLast = c.rbNext
 	c.rbNext = (c.rbNext + 1) % refBlockCacheLen
 	return buf
 }
@@ -491,10 +524,20 @@ func (c *checker) run() (*CheckResult, error) {
 
 	// The refcount table (validated at open: inside the file, <= 8 MiB).
 	rtBuf := c.readPadded(int64(h.rtOff), int64(h.rtClusters)*c.cs)
-	c.rt = make([]uint64, len(rtBuf)/8)
+	// Only the entries up to the last non-zero one are kept: an index
+	// past the end of c.rt reads as a zero entry (no refcount block).
+	c.rtLen = len(rtBuf) / 8
+	end := 0
+	for k := 0; k < len(rtBuf); k += zeroBlockLen {
+		if !isZero(rtBuf[k:min(k+zeroBlockLen, len(rtBuf))]) {
+			end = min(k+zeroBlockLen, len(rtBuf)) / 8
+		}
+	}
+	c.rt = make([]uint64, end)
 	for i := range c.rt {
 		c.rt[i] = binary.BigEndian.Uint64(rtBuf[8*i:])
 	}
+	putBuf(rtBuf)
 	rtBuf = nil
 	if c.err != nil {
 		return nil, c.err
@@ -538,6 +581,7 @@ func (c *checker) walkL1(off, n int64, m uint64, active bool, k refKind, what st
 			}
 			c.l1Entry(e, base+j, off+(base+j)*8, m, active, what)
 		}
+		putBuf(buf)
 	}
 }
 
@@ -635,21 +679,30 @@ func (c *checker) walkL2(u l2Use) {
 		return // reported by ref; qemu reads zeros
 	}
 	buf := c.readPadded(int64(u.off), c.cs)
+	defer putBuf(buf)
 	stride := int64(8)
 	if c.extL2 {
 		stride = 16
 	}
 	var next uint64 // qemu's next_contiguous_offset, for fragmentation
-	for j := int64(0); j+stride <= c.cs; j += stride {
-		e := binary.BigEndian.Uint64(buf[j:])
-		var bm uint64
-		if c.extL2 {
-			bm = binary.BigEndian.Uint64(buf[j+8:])
-		}
-		if e == 0 && bm == 0 {
+	for k := int64(0); k < c.cs; k += zeroBlockLen {
+		// Tables are mostly zero (unallocated): skip zero blocks whole.
+		// The cluster size is a multiple of zeroBlockLen, itself a
+		// multiple of the entry size.
+		if isZero(buf[k : k+zeroBlockLen]) {
 			continue
 		}
-		c.l2Entry(e, bm, int64(u.off)+j, u, &next)
+		for j := k; j < k+zeroBlockLen; j += stride {
+			e := binary.BigEndian.Uint64(buf[j:])
+			var bm uint64
+			if c.extL2 {
+				bm = binary.BigEndian.Uint64(buf[j+8:])
+			}
+			if e == 0 && bm == 0 {
+				continue
+			}
+			c.l2Entry(e, bm, int64(u.off)+j, u, &next)
+		}
 	}
 }
 
@@ -954,7 +1007,18 @@ func (c *checker) checkBitmaps() {
 // refcount block, which must then be referenced exactly once (qemu's
 // check_refblocks, run after everything else was counted).
 func (c *checker) checkRefBlocks() {
-	for i, e := range c.rt {
+	n := len(c.rt)
+	if c.nb == 0 {
+		n = c.rtLen // every zero entry lies outside an empty file
+	}
+	for i := range n {
+		var e uint64
+		if i < len(c.rt) {
+			e = c.rt[i]
+		}
+		if e == 0 && c.nb > 0 {
+			continue // no refcount block: nothing to check
+		}
 		at := int64(c.h.rtOff) + int64(i)*8
 		if e&rtReservedMask != 0 {
 			c.corrupt(1, at, "refcount table entry %d (%#x) has reserved bits set", i, e)
