@@ -898,6 +898,66 @@ func (p *Point) Sample(m Model, seed uint64) *State {
 	return e.state(v, e.canon(v))
 }
 
+// PendingFile is what the crash states of one file at one point may differ
+// in, unit by unit: the finest description a checker can use to judge many
+// states of a point by what each one chose (see State.Choices).
+type PendingFile struct {
+	// Unit is the model's unit size in bytes.
+	Unit int64
+	// Units are the file's pending units, sorted by offset.
+	Units []PendingUnit
+	// MinSize and MaxSize are the smallest and largest sizes a state may
+	// give the file. Bytes at or beyond a state's size are not in the file.
+	MinSize, MaxSize int64
+}
+
+// PendingUnit is one unit of a file that a crash may leave holding any of
+// several contents.
+type PendingUnit struct {
+	// Off is the unit's byte offset in the file.
+	Off int64
+	// Versions are the distinct contents the unit may hold, each Unit
+	// bytes; Versions[0] is the durable one. They are shared with every
+	// state of the point and must not be modified.
+	Versions [][]byte
+}
+
+// PendingUnits returns the pending units and possible sizes of the file named
+// name under model m at this point. ok is false, as for Changeable, when the
+// name's binding itself is pending; a name that exists in no state has no
+// units and sizes 0. Under Garbage a unit may also hold seeded random bytes,
+// which Versions does not list (State.Choices gives len(Versions) then).
+func (p *Point) PendingUnits(m Model, name string) (pf PendingFile, ok bool) {
+	l := p.layout(m.unit(p.w.cfg))
+	pf.Unit = l.unit
+	fl, ok := l.fileOf(name)
+	if !ok || fl == nil {
+		return pf, ok
+	}
+	pf.Units = make([]PendingUnit, len(fl.units))
+	for i, u := range fl.units {
+		pf.Units[i] = PendingUnit{Off: u * l.unit, Versions: fl.vers[i]}
+	}
+	pf.MinSize, pf.MaxSize = slices.Min(fl.sizes), slices.Max(fl.sizes)
+	return pf, true
+}
+
+// fileOf returns the layout of the file the name is bound to in every
+// state; ok is false when the binding is pending, and fl is nil when the
+// name exists in no state.
+func (l *layout) fileOf(name string) (fl *fileLay, ok bool) {
+	name = cleanName(name)
+	for _, nl := range l.names {
+		if nl.name == name {
+			if nl.dim >= 0 {
+				return nil, false
+			}
+			return l.byID[nl.vers[0]], true
+		}
+	}
+	return nil, true
+}
+
 // Changeable returns the byte ranges of the file named name in which two
 // crash states of model m at this point may differ: its pending units and,
 // when its size is pending, the range between its smallest and largest

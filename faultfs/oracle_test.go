@@ -235,8 +235,15 @@ func TestOracle(t *testing.T) {
 				if !ok {
 					rt.Fatalf("%s: the binding of f is pending", m)
 				}
+				pf, ok := p.PendingUnits(m, "f")
+				if !ok {
+					rt.Fatalf("%s: PendingUnits: the binding of f is pending", m)
+				}
 				for s := range p.States(m, seed, 12) {
 					b := get(s)
+					if err := byChoices(b, pf, s.Choices("f")); err != nil {
+						rt.Fatalf("%v: %v", s, err)
+					}
 					if m != faultfs.Garbage {
 						if err := o.allows(b); err != nil {
 							rt.Fatalf("%v: %v", s, err)
@@ -406,6 +413,38 @@ func sameOutside(a, b []byte, rs []faultfs.Extent) error {
 		}
 		if a[i] != b[i] {
 			return fmt.Errorf("byte %d differs (%#x, %#x) outside the changeable ranges", i, a[i], b[i])
+		}
+	}
+	return nil
+}
+
+// byChoices checks a state's file contents b against its pending units and
+// choices: its size lies in [MinSize, MaxSize], and each pending unit holds
+// the version the state chose (where the file reaches; garbage excepted).
+func byChoices(b []byte, pf faultfs.PendingFile, choices []uint32) error {
+	if n := int64(len(b)); n < pf.MinSize || n > pf.MaxSize {
+		return fmt.Errorf("size %d outside [%d, %d]", n, pf.MinSize, pf.MaxSize)
+	}
+	if len(choices) != len(pf.Units) {
+		return fmt.Errorf("%d choices for %d pending units", len(choices), len(pf.Units))
+	}
+	for i, u := range pf.Units {
+		if i > 0 && pf.Units[i-1].Off >= u.Off {
+			return fmt.Errorf("pending units not sorted at %d", i)
+		}
+		c := choices[i]
+		if int(c) == len(u.Versions) {
+			continue // garbage
+		}
+		if int(c) > len(u.Versions) {
+			return fmt.Errorf("unit at %d: choice %d of %d versions", u.Off, c, len(u.Versions))
+		}
+		if u.Off >= int64(len(b)) {
+			continue
+		}
+		end := min(u.Off+pf.Unit, int64(len(b)))
+		if want := u.Versions[c][:end-u.Off]; !bytes.Equal(b[u.Off:end], want) {
+			return fmt.Errorf("unit at %d holds other bytes than its chosen version %d", u.Off, c)
 		}
 	}
 	return nil

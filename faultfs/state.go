@@ -150,6 +150,19 @@ func (s *State) Index() int { return s.index }
 // model with the same key have the same contents.
 func (s *State) Key() uint64 { return s.key }
 
+// Choices returns the version this state gives each pending unit of the
+// file called name, aligned with the Units of Point.PendingUnits for the same
+// model: Choices(name)[i] indexes Units[i].Versions, and equals
+// len(Versions) for garbage. It returns nil when the file has no pending
+// units or its binding is pending. The slice is shared: do not modify it.
+func (s *State) Choices(name string) []uint32 {
+	fl, ok := s.lay.fileOf(name)
+	if !ok || fl == nil || len(fl.units) == 0 {
+		return nil
+	}
+	return s.vec[fl.dim0 : fl.dim0+len(fl.units) : fl.dim0+len(fl.units)]
+}
+
 // Names returns the names of the files in the state, sorted.
 func (s *State) Names() []string {
 	s.mu.Lock()
