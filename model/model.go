@@ -41,14 +41,50 @@ var ErrRange = errors.New("model: access outside the disk")
 type Disk struct {
 	size    int64
 	base    io.ReaderAt // initial contents; nil means zeros
-	sectors map[int64]*sector
+	pages   map[int64]*sectorPage
+	count   int // sectors ever written
 	crashed bool // a crash happened and Check has not yet adopted the result
+
+	// The page of the last lookup: accesses are mostly sequential.
+	lastIdx  int64
+	lastPage *sectorPage
+	// dirty lists the sectors whose current values may differ from their
+	// durable ones or that have a history: the only ones Flush changes.
+	dirty []*sector
 }
+
+// pageSectors is the number of sectors a page of the sector index covers.
+const pageSectors = 256
+
+// sectorPage indexes the written sectors of pageSectors consecutive ones.
+type sectorPage [pageSectors]*sector
 
 type sector struct {
 	durable [][]byte
 	current [][]byte
 	history [][]byte
+	dirty   bool // listed in Disk.dirty
+}
+
+// lookup returns the state of sector s, nil if it was never written.
+func (d *Disk) lookup(s int64) *sector {
+	idx := s / pageSectors
+	if d.lastPage == nil || d.lastIdx != idx {
+		pg := d.pages[idx]
+		if pg == nil {
+			return nil
+		}
+		d.lastIdx, d.lastPage = idx, pg
+	}
+	return d.lastPage[s%pageSectors]
+}
+
+// markDirty lists st for the next Flush.
+func (d *Disk) markDirty(st *sector) {
+	if !st.dirty {
+		st.dirty = true
+		d.dirty = append(d.dirty, st)
+	}
 }
 
 // New returns a disk of size bytes whose initial contents are read from
@@ -56,7 +92,7 @@ type sector struct {
 // zeros. size need not be a multiple of SectorSize: the last sector is
 // partial.
 func New(size int64, base io.ReaderAt) *Disk {
-	return &Disk{size: size, base: base, sectors: map[int64]*sector{}}
+	return &Disk{size: size, base: base, pages: map[int64]*sectorPage{}}
 }
 
 // Size returns the size of the disk in bytes.
@@ -86,7 +122,7 @@ func (d *Disk) initial(s int64) ([]byte, error) {
 
 // get returns the state of sector s, creating it from the initial value.
 func (d *Disk) get(s int64) (*sector, error) {
-	if st, ok := d.sectors[s]; ok {
+	if st := d.lookup(s); st != nil {
 		return st, nil
 	}
 	b, err := d.initial(s)
@@ -94,7 +130,14 @@ func (d *Disk) get(s int64) (*sector, error) {
 		return nil, err
 	}
 	st := &sector{durable: [][]byte{b}, current: [][]byte{b}}
-	d.sectors[s] = st
+	idx := s / pageSectors
+	pg := d.pages[idx]
+	if pg == nil {
+		pg = new(sectorPage)
+		d.pages[idx] = pg
+	}
+	pg[s%pageSectors] = st
+	d.count++
 	return st, nil
 }
 
@@ -137,6 +180,7 @@ func (d *Disk) apply(off int64, n int64, data func(dst []byte, off int64), faile
 		for _, v := range next {
 			st.history = addUnique(st.history, v)
 		}
+		d.markDirty(st)
 		if failed {
 			for _, v := range next {
 				st.current = addUnique(st.current, v)
@@ -172,10 +216,12 @@ func (d *Disk) FailedWriteZeroes(off, n int64) error {
 // Flush records a completed flush: every current value becomes durable.
 // A flush that returned an error must not be recorded.
 func (d *Disk) Flush() {
-	for _, st := range d.sectors {
+	for _, st := range d.dirty {
 		st.durable = st.current
 		st.history = nil
+		st.dirty = false
 	}
+	d.dirty = d.dirty[:0]
 }
 
 // Crash records a crash: from now on each sector may hold its durable value
@@ -197,7 +243,7 @@ func (d *Disk) Read(p []byte, off int64) error {
 	}
 	for s := off / SectorSize; s*SectorSize < off+int64(len(p)); s++ {
 		var v []byte
-		if st, ok := d.sectors[s]; ok {
+		if st := d.lookup(s); st != nil {
 			if len(st.current) != 1 {
 				return fmt.Errorf("%w: sector %d has %d possible values", ErrAmbiguous, s, len(st.current))
 			}
@@ -247,8 +293,8 @@ func preview(b []byte) string {
 // durable values and everything written since the last flush, otherwise
 // the current values.
 func (d *Disk) allowed(s int64) ([][]byte, error) {
-	st, ok := d.sectors[s]
-	if !ok {
+	st := d.lookup(s)
+	if st == nil {
 		b, err := d.initial(s)
 		if err != nil {
 			return nil, err
@@ -306,6 +352,34 @@ func (d *Disk) VerifyRange(r io.ReaderAt, off, n int64) error {
 	lo := off &^ (SectorSize - 1)
 	hi := min(d.size, (off+n+SectorSize-1)&^(SectorSize-1))
 	return d.scan(r, false, lo, hi)
+}
+
+// Allows reports whether the sector at off (a multiple of SectorSize) may
+// hold v (the sector's length) now, as Verify judges it: after a crash,
+// its value at the last completed flush or any value written since;
+// otherwise its current value or values. A checker that knows which of a
+// few candidate values each sector of many images holds (the versions of a
+// crash state's pending units) can judge the candidates once with Allows
+// instead of reading every image whole.
+func (d *Disk) Allows(off int64, v []byte) (bool, error) {
+	if err := d.checkRange(off, int64(len(v))); err != nil {
+		return false, err
+	}
+	s := off / SectorSize
+	if off%SectorSize != 0 || len(v) != d.sectorLen(s) {
+		return false, fmt.Errorf("%w: Allows needs one whole sector, got %d bytes at %d", ErrRange, len(v), off)
+	}
+	if st := d.lookup(s); st != nil {
+		return d.match(st, v) != nil, nil
+	}
+	if d.base == nil {
+		return bytes.Equal(v, zeroSector[:len(v)]), nil
+	}
+	b, err := d.initial(s)
+	if err != nil {
+		return false, err
+	}
+	return bytes.Equal(v, b), nil
 }
 
 // observation is a value seen in a touched sector, for the adoption.
@@ -375,7 +449,8 @@ func (d *Disk) scan(r io.ReaderAt, adopt bool, lo, hi int64) error {
 	}
 	if adopt {
 		for _, o := range observed {
-			st := d.sectors[o.s]
+			st := d.lookup(o.s)
+			d.markDirty(st)
 			if d.crashed {
 				st.durable = [][]byte{o.v}
 				st.history = nil
@@ -395,8 +470,8 @@ func (d *Disk) scanData(off int64, data, initial []byte, adopt bool, observed *[
 	for s := first; s*SectorSize < off+int64(len(data)); s++ {
 		lo := s*SectorSize - off
 		v := data[lo : lo+int64(d.sectorLen(s))]
-		st, touched := d.sectors[s]
-		if !touched {
+		st := d.lookup(s)
+		if st == nil {
 			var want []byte
 			if initial != nil {
 				want = initial[lo : lo+int64(len(v))]
@@ -421,8 +496,8 @@ func (d *Disk) scanZero(off, n int64, adopt bool, observed *[]observation) error
 	var initial []byte
 	for s := off / SectorSize; s*SectorSize < off+n; s++ {
 		v := zeroSector[:d.sectorLen(s)]
-		st, touched := d.sectors[s]
-		if !touched {
+		st := d.lookup(s)
+		if st == nil {
 			if d.base == nil {
 				continue
 			}
@@ -491,9 +566,13 @@ func (d *Disk) mismatch(s int64, v []byte) error {
 // Touched returns the indexes of the sectors written since New, in order;
 // useful for reporting.
 func (d *Disk) Touched() []int64 {
-	out := make([]int64, 0, len(d.sectors))
-	for s := range d.sectors {
-		out = append(out, s)
+	out := make([]int64, 0, d.count)
+	for idx, pg := range d.pages {
+		for i, st := range pg {
+			if st != nil {
+				out = append(out, idx*pageSectors+int64(i))
+			}
+		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
 	return out

@@ -267,3 +267,61 @@ func TestVerifyRange(t *testing.T) {
 		t.Errorf("VerifyRange past the end = %v, want ErrRange", err)
 	}
 }
+
+// TestAllows checks Allows against the sector rules Verify applies:
+// before a crash only current values, after one the flushed value or any
+// written since, untouched sectors their initial value (base or zeros).
+func TestAllows(t *testing.T) {
+	base := img(fill(2048, 0x11))
+	d := New(2048+100, base)
+	a, b, c := fill(SectorSize, 0xaa), fill(SectorSize, 0xbb), fill(SectorSize, 0xcc)
+	if err := d.Write(a, 0); err != nil {
+		t.Fatal(err)
+	}
+	d.Flush()
+	if err := d.Write(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.FailedWrite(c, 512); err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string, off int64, v []byte, want bool) {
+		t.Helper()
+		got, err := d.Allows(off, v)
+		if err != nil {
+			t.Fatalf("%s: Allows(%d): %v", when, off, err)
+		}
+		if got != want {
+			t.Errorf("%s: Allows(%d, %x…) = %v, want %v", when, off, v[:2], got, want)
+		}
+	}
+	for _, tc := range []struct {
+		when string
+		off  int64
+		v    []byte
+		pre  bool // before the crash
+		post bool // after it
+	}{
+		{"flushed value", 0, a, false, true},
+		{"written since", 0, b, true, true},
+		{"never written", 0, c, false, false},
+		{"failed write: new", 512, c, true, true},
+		{"failed write: old", 512, fill(SectorSize, 0x11), true, true},
+		{"untouched: base", 1024, fill(SectorSize, 0x11), true, true},
+		{"untouched: other", 1024, a, false, false},
+		{"untouched past base: zeros", 2048, make([]byte, 100), true, true},
+	} {
+		check("before crash: "+tc.when, tc.off, tc.v, tc.pre)
+		d.Crash()
+		check("after crash: "+tc.when, tc.off, tc.v, tc.post)
+		d.crashed = false
+	}
+	for _, bad := range []struct {
+		off int64
+		n   int
+	}{{1, SectorSize}, {0, 100}, {2048, SectorSize}, {4096, SectorSize}} {
+		if _, err := d.Allows(bad.off, make([]byte, bad.n)); !errors.Is(err, ErrRange) {
+			t.Errorf("Allows(%d, %d bytes): err %v, want ErrRange", bad.off, bad.n, err)
+		}
+	}
+}
