@@ -42,7 +42,7 @@ type Disk struct {
 	size    int64
 	base    io.ReaderAt // initial contents; nil means zeros
 	pages   map[int64]*sectorPage
-	count   int // sectors ever written
+	count   int  // sectors ever written
 	crashed bool // a crash happened and Check has not yet adopted the result
 
 	// The page of the last lookup: accesses are mostly sequential.
