@@ -51,6 +51,9 @@ type Disk struct {
 	// dirty lists the sectors whose current values may differ from their
 	// durable ones or that have a history: the only ones Flush changes.
 	dirty []*sector
+	// scratch holds the buffers of a scan (a Disk is not safe for
+	// concurrent use).
+	scratch []byte
 }
 
 // pageSectors is the number of sectors a page of the sector index covers.
@@ -394,10 +397,14 @@ type observation struct {
 func (d *Disk) scan(r io.ReaderAt, adopt bool, lo, hi int64) error {
 	const chunk = 1 << 20
 	zr, _ := r.(ZeroReporter)
-	buf := make([]byte, min(chunk, hi-lo))
+	n := int(min(chunk, hi-lo))
+	if cap(d.scratch) < 2*n {
+		d.scratch = make([]byte, 2*n)
+	}
+	buf := d.scratch[:n]
 	var baseBuf []byte
 	if d.base != nil {
-		baseBuf = make([]byte, len(buf))
+		baseBuf = d.scratch[n : 2*n]
 	}
 	var observed []observation
 	for off := lo; off < hi; {

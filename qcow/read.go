@@ -197,20 +197,20 @@ func (im *Image) l1Entry(i int) (uint64, error) {
 // its cluster and returns the extent from there to the end of the run of
 // the same kind inside that cluster.
 func (im *Image) entryExtent(table []uint64, l2off uint64, l2i, in int64) (extent, error) {
+	if im.extL2 {
+		return im.classifyEntry(table[2*l2i], table[2*l2i+1], int64(l2off)+l2i*16, in)
+	}
+	return im.classifyEntry(table[l2i], 0, int64(l2off)+l2i*8, in)
+}
+
+// classifyEntry is entryExtent for the L2 entry e (and, for extended L2
+// entries, its subcluster bitmap) stored at host offset at.
+func (im *Image) classifyEntry(e, bitmap uint64, at, in int64) (extent, error) {
 	cs := im.clusterSize
 	rest := cs - in
 	if im.format == FormatQCOW {
-		return im.v1EntryExtent(table[l2i], int64(l2off)+l2i*8, in, rest)
+		return im.v1EntryExtent(e, at, in, rest)
 	}
-	stride := int64(8)
-	var e, bitmap uint64
-	if im.extL2 {
-		stride = 16
-		e, bitmap = table[2*l2i], table[2*l2i+1]
-	} else {
-		e = table[l2i]
-	}
-	at := int64(l2off) + l2i*stride
 	if e&flagCompressed != 0 {
 		if err := im.checkCompressed(e, bitmap, at); err != nil {
 			return extent{}, err

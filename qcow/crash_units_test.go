@@ -1,0 +1,631 @@
+package qcow
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+
+	"github.com/qcowcrash/qcowcrash/faultfs"
+	"github.com/qcowcrash/qcowcrash/model"
+)
+
+// unitVerifier judges the content of the crash states of a recording,
+// point after point in ascending order, without reading each state whole.
+//
+// A crash state differs from the other states of its point only in the
+// version each pending unit of the image file holds (faultfs PendingUnits
+// and State.Choices). So, once per point, every guest cluster is mapped
+// through the reader's own classification of its L2 entry
+// (Image.classifyEntry) and sorted into:
+//
+//   - static: its L1 and L2 entries and the bytes it reads lie outside
+//     every pending unit and outside the range where the file size varies.
+//     It reads the same in every state of the point and is verified once,
+//     through the first state's reader. It is not verified again at later
+//     points while no file operation has written its entry's sector, its
+//     L1 entry's cluster, cluster 0 or its data cluster, and the model
+//     has not changed it (generation counters).
+//   - by units: its entries are fixed (or lie in one pending unit: then per
+//     version of that unit, the entry value it gives) and it reads plain
+//     data clusters. Every sector it reads from a pending unit is judged
+//     once per version of that unit with model.Allows; the others are read
+//     from the first state. A state then passes if each such unit holds a
+//     version allowed for every sector it feeds: a few bit tests.
+//   - direct: anything else (compressed data over pending bytes, entries
+//     that are not plain, an L1 entry in a pending unit, bytes where the
+//     file size varies): read through each state's reader and verified.
+//
+// When the header, the L1 table or another file may differ between the
+// states, when the unit is smaller than a sector, under Garbage, and for an
+// external data file, every state is verified whole.
+//
+// A unit check that fails is confirmed by verifying the cluster through the
+// state's reader; if that passes, the verifier reports its own error. The
+// verdicts agree with whole verification (TestCrashUnitVerifierAgrees).
+type unitVerifier struct {
+	mdl faultfs.Model
+	m   *model.Disk
+
+	// Generations: counters bumped by file writes (per host cluster) and
+	// by model changes (per guest cluster), to tell when a static
+	// cluster's verdict still holds.
+	cs, cb   int64
+	secGen   map[int64]uint64
+	clGen    map[int64]uint64
+	guestGen map[int64]uint64
+	flushed  []int64 // guest clusters written since the model's last flush
+	gen      uint64
+	logDone  int   // file operations already accounted for
+	fileEnd  int64 // largest end offset the image file has had
+	static   map[int64]staticKey
+	otherGen uint64 // bumped by writes to files other than the image
+
+	// Per point.
+	point    *faultfs.Point
+	whole    bool
+	pf       faultfs.PendingFile
+	fail     error // a failure every state of the point shares
+	cons     []unitCons
+	direct   []int64
+	vars     []varCluster
+	prepared bool
+
+	// Counters: states verified whole, by units; clusters verified
+	// static (fresh), static reused, by units, direct per state.
+	wholeN, unitN                      int
+	staticN, reusedN, byUnitN, directN int
+	buf                                []byte
+}
+
+// unitCons requires pending unit slot to hold one of the versions in mask
+// (bit j: version j) for guest cluster c to read allowed bytes.
+type unitCons struct {
+	slot int32
+	mask uint64
+	c    int64
+}
+
+// variant is what one value of a cluster's L2 entry makes of the cluster.
+type variant struct {
+	fail   bool // some sector reads a value the model does not allow
+	direct bool // judged by reading each state
+	cons   []unitCons
+}
+
+// varCluster is a guest cluster whose L2 entry lies in pending unit slot:
+// version j of that unit gives the entry of vs[of[j]].
+type varCluster struct {
+	c    int64
+	slot int32
+	of   []int
+	vs   []variant
+}
+
+// staticKey is what a static cluster's verdict depends on.
+// The entry's value stands for the L1 and L2 tables: the cluster reads
+// through that value whatever else the tables hold.
+type staticKey struct {
+	hdr, other  uint64 // generations of cluster 0 and of the other files
+	entry, bm   uint64 // the L2 entry (all ones: no L2 table)
+	data, data2 uint64 // generations of the host clusters it reads
+	model       uint64 // generation of the model's cluster
+}
+
+func newUnitVerifier(mdl faultfs.Model, m *model.Disk, cs int64) *unitVerifier {
+	cb := int64(0)
+	for int64(1)<<cb < cs {
+		cb++
+	}
+	return &unitVerifier{
+		mdl: mdl, m: m, cs: cs, cb: cb,
+		clGen: map[int64]uint64{}, guestGen: map[int64]uint64{},
+		static: map[int64]staticKey{},
+	}
+}
+
+// modelWrite notes that the model changed guest bytes [off, off+n).
+func (v *unitVerifier) modelWrite(off, n int64) {
+	if n <= 0 {
+		return
+	}
+	v.gen++
+	for c := off >> v.cb; c <= (off+n-1)>>v.cb; c++ {
+		v.guestGen[c] = v.gen
+		v.flushed = append(v.flushed, c)
+	}
+}
+
+// modelFlush notes a flush of the model: every cluster written since the
+// last one changes its allowed values.
+func (v *unitVerifier) modelFlush() {
+	v.gen++
+	for _, c := range v.flushed {
+		v.guestGen[c] = v.gen
+	}
+	v.flushed = v.flushed[:0]
+}
+
+// fileOps accounts for the file operations of the log up to the point.
+func (v *unitVerifier) fileOps(log []faultfs.Op) {
+	for _, op := range log[v.logDone:] {
+		if op.Path != "img" {
+			if faultfs.MutatingKinds.Has(op.Kind) {
+				v.gen++
+				v.otherGen = v.gen
+			}
+			continue
+		}
+		switch op.Kind {
+		case faultfs.OpWrite, faultfs.OpAllocate:
+			v.fileWrite(op.Offset, op.Length)
+		case faultfs.OpTruncate:
+			if op.Offset < v.fileEnd {
+				v.fileWrite(op.Offset, v.fileEnd-op.Offset)
+			}
+			v.fileWrite(op.Offset, 1) // the size itself
+		}
+	}
+	v.logDone = len(log)
+}
+
+// fileWrite bumps the generations of the host bytes [off, off+n).
+func (v *unitVerifier) fileWrite(off, n int64) {
+	if n <= 0 {
+		return
+	}
+	v.gen++
+	v.fileEnd = max(v.fileEnd, off+n)
+	for c := off >> v.cb; c <= (off+n-1)>>v.cb; c++ {
+		v.clGen[c] = v.gen
+	}
+}
+
+// begin starts judging the states of point p: call it before the first
+// state of each point, with the log up to the point.
+func (v *unitVerifier) begin(p *faultfs.Point, log []faultfs.Op) {
+	if p == v.point {
+		return
+	}
+	v.fileOps(log)
+	v.point, v.prepared, v.whole, v.fail = p, false, false, nil
+	v.cons, v.direct, v.vars = v.cons[:0], v.direct[:0], v.vars[:0]
+}
+
+// content is the content verdict for crashVerifyContent of state st.
+func (v *unitVerifier) content(st *faultfs.State) func(r io.ReaderAt) error {
+	return func(r io.ReaderAt) error {
+		im := r.(wtSizedReader).im
+		if !v.prepared {
+			v.prepared = true
+			if err := v.prepare(st, im); err != nil {
+				return err
+			}
+		}
+		if v.fail != nil {
+			return v.fail
+		}
+		if v.whole {
+			v.wholeN++
+			return v.m.Verify(r)
+		}
+		v.unitN++
+		ch := st.Choices("img")
+		for _, k := range v.cons {
+			if ch[k.slot] < 64 && k.mask>>ch[k.slot]&1 == 1 {
+				continue
+			}
+			return v.confirm(r, k.c)
+		}
+		for _, c := range v.direct {
+			v.directN++
+			if err := v.verifyCluster(r, c); err != nil {
+				return err
+			}
+		}
+		for _, vc := range v.vars {
+			j := int(ch[vc.slot])
+			if j >= len(vc.of) {
+				v.directN++
+				if err := v.verifyCluster(r, vc.c); err != nil {
+					return err
+				}
+				continue
+			}
+			x := vc.vs[vc.of[j]]
+			switch {
+			case x.fail:
+				return v.confirm(r, vc.c)
+			case x.direct:
+				v.directN++
+				if err := v.verifyCluster(r, vc.c); err != nil {
+					return err
+				}
+				continue
+			}
+			for _, k := range x.cons {
+				if ch[k.slot] >= 64 || k.mask>>ch[k.slot]&1 == 0 {
+					return v.confirm(r, k.c)
+				}
+			}
+		}
+		return nil
+	}
+}
+
+// verifyCluster verifies guest cluster c through r.
+func (v *unitVerifier) verifyCluster(r io.ReaderAt, c int64) error {
+	off := c * v.cs
+	if off >= v.m.Size() {
+		return nil
+	}
+	return v.m.VerifyRange(r, off, min(v.cs, v.m.Size()-off))
+}
+
+// confirm verifies cluster c, which the unit check rejected, through r.
+func (v *unitVerifier) confirm(r io.ReaderAt, c int64) error {
+	if err := v.verifyCluster(r, c); err != nil {
+		return err
+	}
+	return fmt.Errorf("unit verifier: guest cluster %d rejected by its units but reads allowed bytes (verifier bug)", c)
+}
+
+// prepare sorts the guest clusters of point v.point, whose state st has
+// been opened as im.
+func (v *unitVerifier) prepare(st *faultfs.State, im *Image) error {
+	v.whole = true
+	if v.mdl == faultfs.Garbage || im.dataFile != im.f || im.format == FormatRaw || im.clusterSize != v.cs {
+		return nil
+	}
+	for _, name := range st.Names() {
+		if name == "img" {
+			continue
+		}
+		if rs, ok := v.point.Changeable(v.mdl, name); !ok || len(rs) > 0 {
+			return nil
+		}
+	}
+	pf, ok := v.point.PendingUnits(v.mdl, "img")
+	if !ok || pf.Unit%model.SectorSize != 0 {
+		return nil
+	}
+	v.pf = pf
+	h := im.h
+	if v.pendingIn(0, v.cs) || v.pendingIn(int64(h.backingOff), int64(h.backingLen)) ||
+		v.pendingIn(int64(h.l1Off), int64(h.l1Size)*8) || pf.MinSize < v.cs {
+		return nil
+	}
+	v.whole = false
+	size := v.m.Size()
+	for c := int64(0); c*v.cs < size; c++ {
+		if err := v.sortCluster(im, c); err != nil {
+			return err
+		}
+		if v.fail != nil {
+			return v.fail
+		}
+	}
+	return nil
+}
+
+// pendingIn reports whether [off, off+n) overlaps a pending unit or the
+// range where the file size varies.
+func (v *unitVerifier) pendingIn(off, n int64) bool {
+	if n <= 0 {
+		return false
+	}
+	if v.pf.MinSize < v.pf.MaxSize && off < v.pf.MaxSize && off+n > v.pf.MinSize {
+		return true
+	}
+	i := v.unitIndex(off)
+	return i < len(v.pf.Units) && v.pf.Units[i].Off < off+n
+}
+
+// unitIndex returns the index of the first pending unit that ends after
+// off.
+func (v *unitVerifier) unitIndex(off int64) int {
+	U := v.pf.Unit
+	i, _ := slices.BinarySearchFunc(v.pf.Units, off, func(u faultfs.PendingUnit, off int64) int {
+		if u.Off+U <= off {
+			return -1
+		}
+		return 1
+	})
+	return i
+}
+
+// unitAt returns the slot of the pending unit holding byte pos, or -1.
+func (v *unitVerifier) unitAt(pos int64) int32 {
+	i := v.unitIndex(pos)
+	if i < len(v.pf.Units) && v.pf.Units[i].Off <= pos {
+		return int32(i)
+	}
+	return -1
+}
+
+// sortCluster sorts guest cluster c (see unitVerifier).
+func (v *unitVerifier) sortCluster(im *Image, c int64) error {
+	l1i := c / im.l2Entries
+	l2i := c % im.l2Entries
+	key := staticKey{hdr: v.clGen[0], other: v.otherGen, entry: ^uint64(0), model: v.guestGen[c]}
+	if l1i >= int64(len(im.l1)) {
+		return v.staticCluster(im, c, key)
+	}
+	l2off, err := im.l1Entry(int(l1i))
+	if err != nil {
+		v.direct = append(v.direct, c)
+		return nil
+	}
+	if l2off == 0 {
+		return v.staticCluster(im, c, key)
+	}
+	esz := int64(8)
+	if im.extL2 {
+		esz = 16
+	}
+	at := int64(l2off) + l2i*esz
+	if v.pf.MinSize < v.pf.MaxSize && int64(l2off)+im.l2Bytes() > v.pf.MinSize {
+		v.direct = append(v.direct, c) // the table may lie beyond EOF
+		return nil
+	}
+	if slot := v.unitAt(at); slot >= 0 {
+		u := v.pf.Units[slot]
+		if len(u.Versions) > 64 || at+esz > u.Off+v.pf.Unit {
+			v.direct = append(v.direct, c)
+			return nil
+		}
+		vc := varCluster{c: c, slot: slot, of: make([]int, len(u.Versions))}
+		type ent struct{ e, bm uint64 }
+		var seen []ent
+		for j, ver := range u.Versions {
+			b := ver[at-u.Off:]
+			x := ent{e: be64(b)}
+			if im.extL2 {
+				x.bm = be64(b[8:])
+			}
+			k := slices.Index(seen, x)
+			if k < 0 {
+				seen = append(seen, x)
+				k = len(seen) - 1
+				vr, err := v.evalEntry(im, c, x.e, x.bm, at)
+				if err != nil {
+					return err
+				}
+				vc.vs = append(vc.vs, vr)
+			}
+			vc.of[j] = k
+		}
+		v.vars = append(v.vars, vc)
+		return nil
+	}
+	table, err := im.l2Table(l2off)
+	if err != nil {
+		v.direct = append(v.direct, c)
+		return nil
+	}
+	e, bm := table[l2i], uint64(0)
+	if im.extL2 {
+		e, bm = table[2*l2i], table[2*l2i+1]
+	}
+	key.entry, key.bm = e, bm
+	ext, err := im.classifyEntry(e, bm, at, 0)
+	if err != nil || ext.length < v.cs && im.extL2 {
+		// The reader fails here, or subclusters differ: read it.
+		v.direct = append(v.direct, c)
+		return nil
+	}
+	switch ext.kind {
+	case extentData:
+		if !v.pendingIn(ext.host, v.cs) {
+			key.data = v.clGen[ext.host>>v.cb]
+			return v.staticCluster(im, c, key)
+		}
+	case extentCompressed:
+		off, n := im.compressedRange(e)
+		if v.pendingIn(int64(off), int64(n)) {
+			v.direct = append(v.direct, c)
+			return nil
+		}
+		key.data, key.data2 = v.clGen[int64(off)>>v.cb], v.clGen[(int64(off)+int64(n))>>v.cb]
+		return v.staticCluster(im, c, key)
+	default:
+		return v.staticCluster(im, c, key)
+	}
+	vr, err := v.evalEntry(im, c, e, bm, at)
+	if err != nil {
+		return err
+	}
+	switch {
+	case vr.fail:
+		v.fail = v.confirm(wtSizedReader{im}, c)
+	case vr.direct:
+		v.direct = append(v.direct, c)
+	default:
+		v.byUnitN++
+		v.cons = append(v.cons, vr.cons...)
+	}
+	return nil
+}
+
+// staticCluster verifies static cluster c through im unless it was
+// verified with the same key before.
+func (v *unitVerifier) staticCluster(im *Image, c int64, key staticKey) error {
+	if k, ok := v.static[c]; ok && k == key {
+		v.reusedN++
+		return nil
+	}
+	v.staticN++
+	if err := v.verifyCluster(wtSizedReader{im}, c); err != nil {
+		var me *model.MismatchError
+		if errors.As(err, &me) {
+			v.fail = err
+			return nil
+		}
+		return err
+	}
+	v.static[c] = key
+	return nil
+}
+
+// evalEntry judges guest cluster c as L2 entry e (with subcluster bitmap
+// bm), stored at host offset at, maps it, the bytes outside pending units
+// read from im's file.
+func (v *unitVerifier) evalEntry(im *Image, c int64, e, bm uint64, at int64) (variant, error) {
+	var out variant
+	guest := c * v.cs
+	n := min(v.cs, v.m.Size()-guest)
+	if len(v.buf) < int(v.cs) {
+		v.buf = make([]byte, v.cs)
+	}
+	for in := int64(0); in < n; {
+		ext, err := im.classifyEntry(e, bm, at, in)
+		if err != nil {
+			return variant{direct: true}, nil
+		}
+		l := min(ext.length, n-in)
+		q := v.buf[in : in+l]
+		switch ext.kind {
+		case extentZero:
+			clear(q)
+		case extentUnallocated:
+			if err := im.readBacking(q, guest+in); err != nil {
+				return variant{direct: true}, nil
+			}
+		case extentData:
+			if v.pf.MinSize < v.pf.MaxSize && ext.host < v.pf.MaxSize && ext.host+l > v.pf.MinSize {
+				return variant{direct: true}, nil
+			}
+			got, err := im.dataFile.ReadAt(q, ext.host)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return variant{direct: true}, nil
+			}
+			clear(q[got:])
+		default:
+			return variant{direct: true}, nil
+		}
+		for s := int64(0); s < l; s += model.SectorSize {
+			sl := min(model.SectorSize, l-s)
+			g := guest + in + s
+			if ext.kind == extentData {
+				pos := ext.host + s
+				if slot := v.unitAt(pos); slot >= 0 {
+					u := v.pf.Units[slot]
+					if len(u.Versions) > 64 {
+						return variant{direct: true}, nil
+					}
+					var mask uint64
+					for j, ver := range u.Versions {
+						ok, err := v.m.Allows(g, ver[pos-u.Off:pos-u.Off+sl])
+						if err != nil {
+							return out, err
+						}
+						if ok {
+							mask |= 1 << j
+						}
+					}
+					switch {
+					case mask == 0:
+						out.fail = true
+						return out, nil
+					case mask != 1<<len(u.Versions)-1:
+						out.cons = append(out.cons, unitCons{slot: slot, mask: mask, c: c})
+					}
+					continue
+				}
+			}
+			ok, err := v.m.Allows(g, q[s:s+sl])
+			if err != nil {
+				return out, err
+			}
+			if !ok {
+				out.fail = true
+				return out, nil
+			}
+		}
+		in += l
+	}
+	return out, nil
+}
+
+// be64 decodes a big-endian 64-bit value.
+func be64(b []byte) uint64 {
+	_ = b[7]
+	return uint64(b[0])<<56 | uint64(b[1])<<48 | uint64(b[2])<<40 | uint64(b[3])<<32 |
+		uint64(b[4])<<24 | uint64(b[5])<<16 | uint64(b[6])<<8 | uint64(b[7])
+}
+
+// exDriver advances one model through a workload's ops, crash point after
+// crash point in ascending order, so that at each point it allows what
+// exModelData's model for that point allows: the ops complete by the point
+// applied, the one in flight applied too (after a crash, a write that did
+// not complete allows the same values as one that did: its old values are
+// durable or were written since the last flush), flushes only when
+// complete, and the crash recorded from the start. It tells its
+// unitVerifier, if any, which guest clusters each change touches.
+type exDriver struct {
+	w    exWorkload
+	data [][]byte
+	ends []int
+	m    *model.Disk
+	v    *unitVerifier
+	next int // first op not applied
+	open int // an applied op not complete at the last point, or -1
+}
+
+func newExDriver(w exWorkload, data [][]byte, base []byte, ends []int) *exDriver {
+	m := crashModel(w.size, base)
+	m.Crash()
+	return &exDriver{w: w, data: data, ends: ends, m: m, open: -1}
+}
+
+// advance brings the model to crash point n (no earlier than the last).
+func (d *exDriver) advance(n int) {
+	if d.open >= 0 {
+		if d.ends[d.open] > n {
+			return
+		}
+		if d.w.through {
+			d.flush()
+		}
+		d.open = -1
+	}
+	for d.next < len(d.w.ops) {
+		i := d.next
+		op := d.w.ops[i]
+		done := d.ends[i] <= n
+		switch op.kind {
+		case "flush":
+			if !done {
+				return
+			}
+			d.flush()
+		case "write":
+			d.m.Write(d.data[i], op.off)
+			d.touch(op.off, op.n)
+		case "zero":
+			d.m.WriteZeroes(op.off, op.n)
+			d.touch(op.off, op.n)
+		}
+		d.next++
+		if !done {
+			d.open = i
+			return
+		}
+		if d.w.through {
+			d.flush()
+		}
+	}
+}
+
+func (d *exDriver) touch(off, n int64) {
+	if d.v != nil {
+		d.v.modelWrite(off, n)
+	}
+}
+
+func (d *exDriver) flush() {
+	d.m.Flush()
+	if d.v != nil {
+		d.v.modelFlush()
+	}
+}
