@@ -264,6 +264,15 @@ func exModelData(w exWorkload, data [][]byte, base []byte, ends []int, n int) *m
 // and the first failure, whose message starts with the case ID.
 func exRun(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap func(vfs.FS) vfs.FS) (int, error) {
 	t.Helper()
+	return exRunJudged(t, w, limit, bugs, wrap, nil)
+}
+
+// exRunJudged is exRun; when judged is set, it is also called with every
+// state and the unit verifier's verdict on it, and exRunJudged goes on
+// after a failing state.
+func exRunJudged(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap func(vfs.FS) vfs.FS,
+	judged func(st *faultfs.State, base []byte, ends []int, verdict error) error) (int, error) {
+	t.Helper()
 	var mem *vfs.MemFS
 	var base []byte
 	if w.prepare != nil {
@@ -314,19 +323,36 @@ func exRun(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap func(vfs
 
 	seed := faultfs.SubSeed(1, w.id())
 	states := 0
+	log := ffs.Log()
+	d := newExDriver(w, exData(w), base, ends)
+	v := newUnitVerifier(faultfs.Torn, d.m, w.cfg.cs)
+	d.v = v
 	for p := range ffs.Recording().Points() {
-		// One model per point, judged by difference (diffVerifier).
-		var v *diffVerifier
+		// One model, advanced point by point; states judged by their
+		// pending units (unitVerifier).
+		d.advance(p.Ops())
+		v.begin(p, log[:p.Ops()])
 		for st := range p.States(faultfs.Torn, seed, limit) {
 			states++
 			crashStates.Add(1)
-			if v == nil {
-				v = newDiffVerifier(p, faultfs.Torn, exModel(w, base, ends, p.Ops()), st.Names())
+			err := v.verify(st, -1)
+			if err != nil {
+				err = fmt.Errorf("%s:model=torn:seed=%d:point=%d:state=%d: %w\n\tstate: %s", w.id(), seed, p.Ops(), st.Index(), err, st)
 			}
-			if err := crashVerifyContent(st, -1, v.content); err != nil {
-				return states, fmt.Errorf("%s:model=torn:seed=%d:point=%d:state=%d: %w\n\tstate: %s", w.id(), seed, p.Ops(), st.Index(), err, st)
+			if judged != nil {
+				if err := judged(st, base, ends, err); err != nil {
+					return states, err
+				}
+				continue
+			}
+			if err != nil {
+				return states, err
 			}
 		}
+	}
+	if judged != nil {
+		t.Logf("%s: %d states: %d whole, %d by units (%d clusters read per state, %d static, %d reused, %d by units, %d entries in pending units judged), %d check verdicts remembered",
+			w.id(), states, v.wholeN, v.unitN, v.directN, v.staticN, v.reusedN, v.byUnitN, v.varN, v.memoHits)
 	}
 	return states, nil
 }

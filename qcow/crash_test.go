@@ -219,6 +219,22 @@ func crashVerifyContent(fsys vfs.FS, leaksFrom int64, content func(r io.ReaderAt
 	} else {
 		res, err = CheckFile(fsys, "img", "")
 	}
+	if err := crashCheckVerdict(res, err, leaksFrom); err != nil {
+		return err
+	}
+	if openErr != nil {
+		return &crashVerdict{"open", openErr}
+	}
+	if err := content(wtSizedReader{im}); err != nil {
+		return &crashVerdict{"content", err}
+	}
+	return nil
+}
+
+// crashCheckVerdict is the verdict on what Check (or CheckFile) returned:
+// nil when it found no corruption, no check error and no leak that
+// leaksFrom forbids (0: none; > 0: none at or beyond it; < 0: any allowed).
+func crashCheckVerdict(res *CheckResult, err error, leaksFrom int64) error {
 	if err != nil {
 		var fe *FormatError
 		if errors.As(err, &fe) || errors.Is(err, ErrNotQCOW) || errors.Is(err, ErrFormat) {
@@ -240,12 +256,6 @@ func crashVerifyContent(fsys vfs.FS, leaksFrom int64, content func(r io.ReaderAt
 	if res.Corruptions > 0 || res.CheckErrors > 0 || leaks > 0 {
 		return verdictf("check", "%d corruptions, %d check errors, %d leaks (%d not allowed): %s",
 			res.Corruptions, res.CheckErrors, res.Leaks, leaks, crashFindings(res))
-	}
-	if openErr != nil {
-		return &crashVerdict{"open", openErr}
-	}
-	if err := content(wtSizedReader{im}); err != nil {
-		return &crashVerdict{"content", err}
 	}
 	return nil
 }

@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"testing"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
 	"github.com/qcowcrash/qcowcrash/model"
+	"github.com/qcowcrash/qcowcrash/vfs"
 )
 
 // unitVerifier judges the content of the crash states of a recording,
@@ -70,10 +72,13 @@ type unitVerifier struct {
 	direct   []int64
 	vars     []varCluster
 	prepared bool
+	memo     []*checkEntry // check verdicts of this point
+	memoOK   bool          // only the image's units and size vary
+	memoAsk  bool          // memoOK is still to be decided
 
 	// Counters: states verified whole, by units; clusters verified
 	// static (fresh), static reused, by units, direct per state.
-	wholeN, unitN                      int
+	wholeN, unitN, memoHits, varN      int
 	staticN, reusedN, byUnitN, directN int
 	buf                                []byte
 }
@@ -189,68 +194,271 @@ func (v *unitVerifier) begin(p *faultfs.Point, log []faultfs.Op) {
 	}
 	v.fileOps(log)
 	v.point, v.prepared, v.whole, v.fail = p, false, false, nil
-	v.cons, v.direct, v.vars = v.cons[:0], v.direct[:0], v.vars[:0]
+	v.cons, v.direct, v.vars, v.memo = v.cons[:0], v.direct[:0], v.vars[:0], v.memo[:0]
+	// The check verdict can be remembered when only the image's units
+	// and size differ between the states.
+	pf, ok := p.PendingUnits(v.mdl, "img")
+	v.pf, v.memoOK, v.memoAsk = pf, false, ok && v.mdl != faultfs.Garbage
 }
 
-// content is the content verdict for crashVerifyContent of state st.
-func (v *unitVerifier) content(st *faultfs.State) func(r io.ReaderAt) error {
-	return func(r io.ReaderAt) error {
-		im := r.(wtSizedReader).im
-		if !v.prepared {
-			v.prepared = true
-			if err := v.prepare(st, im); err != nil {
+// othersFixed reports whether every file of st but the image reads the
+// same in every state of the point.
+func (v *unitVerifier) othersFixed(st *faultfs.State) bool {
+	for _, name := range st.Names() {
+		if rs, ok := v.point.Changeable(v.mdl, name); name != "img" && (!ok || len(rs) > 0) {
+			return false
+		}
+	}
+	return true
+}
+
+// verify judges state st of the point given to begin by the verdicts of
+// crashVerifyContent (no leaks allowed when leaksFrom is 0, leaks beyond it
+// when positive, any when negative).
+//
+// The check verdict is remembered per point: Open and Check read only the
+// image file, so a state whose size and whose choices for the pending
+// units inside the ranges they read equal those of a state already checked
+// reads the same bytes and gets the same verdict. The image is opened only
+// when the check or the content needs it.
+func (v *unitVerifier) verify(st *faultfs.State, leaksFrom int64) error {
+	var im *Image
+	var openErr error
+	opened := false
+	open := func() (*Image, error) {
+		if !opened {
+			opened = true
+			im, openErr = Open(st, "img", nil)
+		}
+		return im, openErr
+	}
+	defer func() {
+		if im != nil {
+			im.Close()
+		}
+	}()
+	if v.memoAsk {
+		v.memoAsk, v.memoOK = false, v.othersFixed(st)
+	}
+	ce := v.memoLookup(st)
+	if ce == nil {
+		rec := &readRecorder{FS: st}
+		opened = true
+		im, openErr = Open(rec, "img", nil)
+		ce = &checkEntry{openErr: openErr}
+		if openErr == nil {
+			ce.res, ce.err = im.Check()
+		} else {
+			ce.res, ce.err = CheckFile(rec, "img", "")
+		}
+		rec.stop = true
+		v.memoAdd(st, ce, rec.reads)
+	} else {
+		v.memoHits++
+	}
+	if err := crashCheckVerdict(ce.res, ce.err, leaksFrom); err != nil {
+		return err
+	}
+	if ce.openErr != nil {
+		return &crashVerdict{"open", ce.openErr}
+	}
+	reader := func() (io.ReaderAt, error) {
+		im, err := open()
+		if err != nil {
+			return nil, err
+		}
+		return wtSizedReader{im}, nil
+	}
+	if err := v.content(st, reader); err != nil {
+		return &crashVerdict{"content", err}
+	}
+	return nil
+}
+
+// content is the content verdict of state st, read through reader (which
+// opens the image on first use).
+func (v *unitVerifier) content(st *faultfs.State, reader func() (io.ReaderAt, error)) error {
+	if !v.prepared {
+		v.prepared = true
+		r, err := reader()
+		if err != nil {
+			return err
+		}
+		if err := v.prepare(st, r.(wtSizedReader).im); err != nil {
+			return err
+		}
+	}
+	if v.fail != nil {
+		return v.fail
+	}
+	if v.whole {
+		v.wholeN++
+		r, err := reader()
+		if err != nil {
+			return err
+		}
+		return v.m.Verify(r)
+	}
+	v.unitN++
+	ch := st.Choices("img")
+	cluster := func(c int64, expectFail bool) error {
+		r, err := reader()
+		if err != nil {
+			return err
+		}
+		if expectFail {
+			return v.confirm(r, c)
+		}
+		v.directN++
+		return v.verifyCluster(r, c)
+	}
+	for _, k := range v.cons {
+		if ch[k.slot] >= 64 || k.mask>>ch[k.slot]&1 == 0 {
+			return cluster(k.c, true)
+		}
+	}
+	for _, c := range v.direct {
+		if err := cluster(c, false); err != nil {
+			return err
+		}
+	}
+	for _, vc := range v.vars {
+		v.varN++
+		j := int(ch[vc.slot])
+		if j >= len(vc.of) {
+			if err := cluster(vc.c, false); err != nil {
 				return err
 			}
+			continue
 		}
-		if v.fail != nil {
-			return v.fail
-		}
-		if v.whole {
-			v.wholeN++
-			return v.m.Verify(r)
-		}
-		v.unitN++
-		ch := st.Choices("img")
-		for _, k := range v.cons {
-			if ch[k.slot] < 64 && k.mask>>ch[k.slot]&1 == 1 {
-				continue
-			}
-			return v.confirm(r, k.c)
-		}
-		for _, c := range v.direct {
-			v.directN++
-			if err := v.verifyCluster(r, c); err != nil {
+		x := vc.vs[vc.of[j]]
+		switch {
+		case x.fail:
+			return cluster(vc.c, true)
+		case x.direct:
+			if err := cluster(vc.c, false); err != nil {
 				return err
 			}
+			continue
 		}
-		for _, vc := range v.vars {
-			j := int(ch[vc.slot])
-			if j >= len(vc.of) {
-				v.directN++
-				if err := v.verifyCluster(r, vc.c); err != nil {
-					return err
-				}
-				continue
-			}
-			x := vc.vs[vc.of[j]]
-			switch {
-			case x.fail:
-				return v.confirm(r, vc.c)
-			case x.direct:
-				v.directN++
-				if err := v.verifyCluster(r, vc.c); err != nil {
-					return err
-				}
-				continue
-			}
-			for _, k := range x.cons {
-				if ch[k.slot] >= 64 || k.mask>>ch[k.slot]&1 == 0 {
-					return v.confirm(r, k.c)
-				}
+		for _, k := range x.cons {
+			if ch[k.slot] >= 64 || k.mask>>ch[k.slot]&1 == 0 {
+				return cluster(k.c, true)
 			}
 		}
+	}
+	return nil
+}
+
+// checkEntry is a remembered check verdict: what Open, Check (or
+// CheckFile) returned for states that read the same bytes.
+type checkEntry struct {
+	size    int64
+	reads   []faultfs.Extent // merged ranges Open and Check read
+	choices []uint32         // the choices of the pending units in reads
+	res     *CheckResult
+	err     error
+	openErr error
+}
+
+// maxCheckEntries bounds the check verdicts remembered per point.
+const maxCheckEntries = 64
+
+// memoLookup returns the remembered check verdict for st, or nil.
+func (v *unitVerifier) memoLookup(st *faultfs.State) *checkEntry {
+	if !v.memoOK {
 		return nil
 	}
+	size, err := stateSize(st)
+	if err != nil {
+		return nil
+	}
+	ch := st.Choices("img")
+	for _, e := range v.memo {
+		if e.size == size && v.sameChoices(e, ch) {
+			return e
+		}
+	}
+	return nil
+}
+
+// sameChoices reports whether choices ch agree with e's in e's ranges.
+func (v *unitVerifier) sameChoices(e *checkEntry, ch []uint32) bool {
+	k := 0
+	for _, r := range e.reads {
+		for i := v.unitIndex(r.Off); i < len(v.pf.Units) && v.pf.Units[i].Off < r.Off+r.Len; i++ {
+			if k >= len(e.choices) || ch[i] != e.choices[k] {
+				return false
+			}
+			k++
+		}
+	}
+	return k == len(e.choices)
+}
+
+// memoAdd remembers check verdict ce of st, whose Open and Check read reads.
+func (v *unitVerifier) memoAdd(st *faultfs.State, ce *checkEntry, reads []faultfs.Extent) {
+	if !v.memoOK || len(v.memo) >= maxCheckEntries {
+		return
+	}
+	size, err := stateSize(st)
+	if err != nil {
+		return
+	}
+	slices.SortFunc(reads, func(a, b faultfs.Extent) int { return int(a.Off - b.Off) })
+	var merged []faultfs.Extent
+	for _, r := range reads {
+		if n := len(merged); n > 0 && merged[n-1].Off+merged[n-1].Len >= r.Off {
+			merged[n-1].Len = max(merged[n-1].Len, r.Off+r.Len-merged[n-1].Off)
+			continue
+		}
+		merged = append(merged, r)
+	}
+	ce.size, ce.reads = size, merged
+	ch := st.Choices("img")
+	for _, r := range merged {
+		for i := v.unitIndex(r.Off); i < len(v.pf.Units) && v.pf.Units[i].Off < r.Off+r.Len; i++ {
+			ce.choices = append(ce.choices, ch[i])
+		}
+	}
+	v.memo = append(v.memo, ce)
+}
+
+// stateSize returns the size of the image file in st.
+func stateSize(st *faultfs.State) (int64, error) {
+	fi, err := st.Stat("img")
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+// readRecorder is a file system whose files record the ranges read from
+// them until stop is set.
+type readRecorder struct {
+	vfs.FS
+	reads []faultfs.Extent
+	stop  bool
+}
+
+func (r *readRecorder) Open(name string, flag vfs.OpenFlag) (vfs.File, error) {
+	f, err := r.FS.Open(name, flag)
+	if err != nil || name != "img" {
+		return f, err
+	}
+	return &recordingFile{File: f, r: r}, nil
+}
+
+type recordingFile struct {
+	vfs.File
+	r *readRecorder
+}
+
+func (f *recordingFile) ReadAt(p []byte, off int64) (int, error) {
+	if !f.r.stop && len(p) > 0 {
+		f.r.reads = append(f.r.reads, faultfs.Extent{Off: off, Len: int64(len(p))})
+	}
+	return f.File.ReadAt(p, off)
 }
 
 // verifyCluster verifies guest cluster c through r.
@@ -277,19 +485,10 @@ func (v *unitVerifier) prepare(st *faultfs.State, im *Image) error {
 	if v.mdl == faultfs.Garbage || im.dataFile != im.f || im.format == FormatRaw || im.clusterSize != v.cs {
 		return nil
 	}
-	for _, name := range st.Names() {
-		if name == "img" {
-			continue
-		}
-		if rs, ok := v.point.Changeable(v.mdl, name); !ok || len(rs) > 0 {
-			return nil
-		}
-	}
-	pf, ok := v.point.PendingUnits(v.mdl, "img")
-	if !ok || pf.Unit%model.SectorSize != 0 {
+	pf := v.pf
+	if _, ok := v.point.PendingUnits(v.mdl, "img"); !ok || pf.Unit%model.SectorSize != 0 || !v.othersFixed(st) {
 		return nil
 	}
-	v.pf = pf
 	h := im.h
 	if v.pendingIn(0, v.cs) || v.pendingIn(int64(h.backingOff), int64(h.backingLen)) ||
 		v.pendingIn(int64(h.l1Off), int64(h.l1Size)*8) || pf.MinSize < v.cs {
@@ -628,4 +827,72 @@ func (d *exDriver) flush() {
 	if d.v != nil {
 		d.v.modelFlush()
 	}
+}
+
+// TestCrashUnitVerifierAgrees checks the unit verifier against the plain
+// verdict (crashVerifyContent with the point's model built from scratch by
+// exModel and the whole disk read): on every state of the exhaustive
+// workloads and of deliberately broken writers, both must pass or fail
+// alike, with the same kind of verdict. The broken writers make sure that
+// failing states are compared too.
+func TestCrashUnitVerifierAgrees(t *testing.T) {
+	limit := 64
+	if lightTests() {
+		limit = 8
+	}
+	type run struct {
+		w    exWorkload
+		bugs writerBugs
+		wrap func(vfs.FS) vfs.FS
+		name string
+	}
+	var runs []run
+	for _, w := range exWorkloads() {
+		runs = append(runs, run{w: w, name: "correct"})
+		if w.name == "new-l2" || w.name == "first-cluster" || w.name == "compressed" || w.name == "backing" {
+			runs = append(runs,
+				run{w: w, bugs: bugNoDataBarrier, name: "no-data-barrier"},
+				run{w: w, wrap: func(fsys vfs.FS) vfs.FS { return &syncRangeFS{FS: fsys} }, name: "sync-range"})
+		}
+	}
+	var pass, fail int
+	for _, r := range runs {
+		t.Run(fmt.Sprintf("%s/%s/wt=%d/%s", r.w.name, r.w.cfg, crashB2i(r.w.through), r.name), func(t *testing.T) {
+			var p, f int
+			_, err := exRunJudged(t, r.w, limit, r.bugs, r.wrap, func(st *faultfs.State, base []byte, ends []int, got error) error {
+				m := exModel(r.w, base, ends, st.Point())
+				want := crashVerifyContent(st, -1, m.Verify)
+				if (got == nil) != (want == nil) || verdictKind(got) != verdictKind(want) {
+					return fmt.Errorf("point %d state %d (%s): unit verifier says %v; whole verification says %v", st.Point(), st.Index(), st, got, want)
+				}
+				if got == nil {
+					p++
+				} else {
+					f++
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			pass, fail = pass+p, fail+f
+			if r.name == "correct" && f > 0 {
+				t.Errorf("%d states of a correct writer fail", f)
+			}
+		})
+	}
+	t.Logf("%d states agree: %d pass, %d fail", pass+fail, pass, fail)
+	if fail == 0 || pass == 0 {
+		t.Fatalf("the comparison needs passing and failing states: %d pass, %d fail", pass, fail)
+	}
+}
+
+// verdictKind returns the kind of a crash verdict ("" for nil or another
+// error).
+func verdictKind(err error) string {
+	var v *crashVerdict
+	if errors.As(err, &v) {
+		return v.Verdict
+	}
+	return ""
 }
