@@ -1,6 +1,7 @@
 package qcow
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"testing"
 
@@ -9,19 +10,37 @@ import (
 
 // BenchmarkCrashCheck measures crash states checked per second, after a
 // 1,000-operation workload (writes of 512 B to 64 KiB, zero writes, a flush
-// every 50) on a 64 MiB v3 image with 64 KiB clusters: at every 16th crash
-// point of the recording, 8 states of the torn model, each drawn, opened,
-// checked whole by Check (no corruption allowed) and its content judged
-// against the flat model of its point, as exRun judges states. The
-// recording is replayed pass after pass; everything after the workload is
-// timed: walking the points, drawing the states, advancing the model
-// (exDriver) and judging (unitVerifier).
+// every 50) on a 64 MiB v3 image with 64 KiB clusters. Each state of the
+// torn model is drawn, its image opened and checked whole by Check (no
+// corruption allowed), and its content judged against the flat model of its
+// point, as exRun judges states. The recording is replayed pass after
+// pass, and everything after the workload is timed: walking the points,
+// drawing the states, advancing the model (exDriver) and judging
+// (unitVerifier). Two samplings:
+//
+//   - per-point=8: 8 states at every 16th of the 1,226 crash points (608
+//     states a pass), the sampling of crashtest soak
+//     (harness.DefaultStatesPerPoint), where the per-point work (the
+//     model, the point's layout, sorting the clusters) weighs as much as
+//     the states;
+//   - per-point=4096: faultfs.DefaultLimit states, the bound of the
+//     exhaustive Crash tests, at every 256th point (4 points, 16,384
+//     states a pass; run it with -benchtime 33000x or more to time whole
+//     passes).
 func BenchmarkCrashCheck(b *testing.B) {
 	bw := benchWorkload(b)
+	for _, c := range []struct{ perPoint, stride int }{{8, 16}, {faultfs.DefaultLimit, 256}} {
+		b.Run(fmt.Sprintf("per-point=%d", c.perPoint), func(b *testing.B) {
+			benchCrashCheck(b, bw, c.perPoint, c.stride)
+		})
+	}
+}
+
+func benchCrashCheck(b *testing.B, bw benchCase, perPoint, stride int) {
 	data := exData(bw.w)
 	log := bw.rec.Ops()
 	var v *unitVerifier
-	var whole, byUnits int
+	var whole, byUnits, remembered int
 	b.ResetTimer()
 	states := 0
 	for states < b.N {
@@ -31,13 +50,13 @@ func BenchmarkCrashCheck(b *testing.B) {
 		i := 0
 	points:
 		for p := range bw.rec.Points() {
-			if i++; i%16 != 0 {
+			if i++; i%stride != 0 {
 				continue
 			}
 			d.advance(p.Ops())
 			v.begin(p, log[:p.Ops()])
-			for st := range p.States(faultfs.Torn, 1, 8) {
-				if err := crashVerifyContent(st, -1, v.content(st)); err != nil {
+			for st := range p.States(faultfs.Torn, 1, perPoint) {
+				if err := v.verify(st, -1); err != nil {
 					b.Fatalf("point %d state %d: %v", p.Ops(), st.Index(), err)
 				}
 				if states++; states == b.N {
@@ -45,11 +64,12 @@ func BenchmarkCrashCheck(b *testing.B) {
 				}
 			}
 		}
-		whole, byUnits = whole+v.wholeN, byUnits+v.unitN
+		whole, byUnits, remembered = whole+v.wholeN, byUnits+v.unitN, remembered+v.memoHits
 	}
 	b.StopTimer()
 	crashStates.Add(int64(b.N))
 	b.ReportMetric(float64(byUnits)/float64(max(1, whole+byUnits)), "by-units")
+	b.ReportMetric(float64(remembered)/float64(b.N), "checks-remembered")
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "states/s")
 }
 
