@@ -162,8 +162,10 @@ func addUnique(set [][]byte, v []byte) [][]byte {
 }
 
 // apply records data written at off. When failed is true the write returned
-// an error: each sector may hold its old or its new value.
-func (d *Disk) apply(off int64, n int64, data func(dst []byte, off int64), failed bool) error {
+// an error: each sector may hold its old or its new value. data fills a
+// part of a sector; whole, when not nil, returns the value of a sector the
+// write covers entirely (shared, never modified), saving a copy per sector.
+func (d *Disk) apply(off int64, n int64, data func(dst []byte, off int64), whole func(lo, hi int64) []byte, failed bool) error {
 	if err := d.checkRange(off, n); err != nil {
 		return err
 	}
@@ -175,10 +177,14 @@ func (d *Disk) apply(off int64, n int64, data func(dst []byte, off int64), faile
 		start := max(off, s*SectorSize)
 		end := min(off+n, s*SectorSize+int64(d.sectorLen(s)))
 		var next [][]byte
-		for _, cur := range st.current {
-			v := bytes.Clone(cur)
-			data(v[start-s*SectorSize:end-s*SectorSize], start)
-			next = addUnique(next, v)
+		if whole != nil && start == s*SectorSize && end == s*SectorSize+int64(d.sectorLen(s)) {
+			next = [][]byte{whole(start, end)}
+		} else {
+			for _, cur := range st.current {
+				v := bytes.Clone(cur)
+				data(v[start-s*SectorSize:end-s*SectorSize], start)
+				next = addUnique(next, v)
+			}
 		}
 		for _, v := range next {
 			st.history = addUnique(st.history, v)
@@ -195,25 +201,40 @@ func (d *Disk) apply(off int64, n int64, data func(dst []byte, off int64), faile
 	return nil
 }
 
+// wholeOf returns, for a write of p at off, the function giving the value of
+// a sector it covers entirely: a slice of one private copy of p.
+func wholeOf(p []byte, off int64) func(lo, hi int64) []byte {
+	var cp []byte
+	return func(lo, hi int64) []byte {
+		if cp == nil {
+			cp = bytes.Clone(p)
+		}
+		return cp[lo-off : hi-off : hi-off]
+	}
+}
+
+// wholeZero gives the value of a sector a zero write covers entirely.
+func wholeZero(lo, hi int64) []byte { return zeroSector[: hi-lo : hi-lo] }
+
 // Write records an acknowledged write of p at off.
 func (d *Disk) Write(p []byte, off int64) error {
-	return d.apply(off, int64(len(p)), func(dst []byte, at int64) { copy(dst, p[at-off:]) }, false)
+	return d.apply(off, int64(len(p)), func(dst []byte, at int64) { copy(dst, p[at-off:]) }, wholeOf(p, off), false)
 }
 
 // WriteZeroes records an acknowledged write of n zero bytes at off.
 func (d *Disk) WriteZeroes(off, n int64) error {
-	return d.apply(off, n, func(dst []byte, _ int64) { clear(dst) }, false)
+	return d.apply(off, n, func(dst []byte, _ int64) { clear(dst) }, wholeZero, false)
 }
 
 // FailedWrite records a write of p at off that returned an error: each of
 // its sectors may now hold its old or its new value.
 func (d *Disk) FailedWrite(p []byte, off int64) error {
-	return d.apply(off, int64(len(p)), func(dst []byte, at int64) { copy(dst, p[at-off:]) }, true)
+	return d.apply(off, int64(len(p)), func(dst []byte, at int64) { copy(dst, p[at-off:]) }, wholeOf(p, off), true)
 }
 
 // FailedWriteZeroes records a zero write that returned an error.
 func (d *Disk) FailedWriteZeroes(off, n int64) error {
-	return d.apply(off, n, func(dst []byte, _ int64) { clear(dst) }, true)
+	return d.apply(off, n, func(dst []byte, _ int64) { clear(dst) }, wholeZero, true)
 }
 
 // Flush records a completed flush: every current value becomes durable.
@@ -567,7 +588,12 @@ func (d *Disk) mismatch(s int64, v []byte) error {
 	if err != nil {
 		return err
 	}
-	return &MismatchError{Sector: s, Offset: s * SectorSize, Got: bytes.Clone(v), Allowed: allowed}
+	// Copies: the model's values are shared and must never be modified.
+	cp := make([][]byte, len(allowed))
+	for i, a := range allowed {
+		cp[i] = bytes.Clone(a)
+	}
+	return &MismatchError{Sector: s, Offset: s * SectorSize, Got: bytes.Clone(v), Allowed: cp}
 }
 
 // Touched returns the indexes of the sectors written since New, in order;
