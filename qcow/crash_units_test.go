@@ -53,15 +53,14 @@ type unitVerifier struct {
 	// by model changes (per guest cluster), to tell when a static
 	// cluster's verdict still holds.
 	cs, cb   int64
-	secGen   map[int64]uint64
-	clGen    map[int64]uint64
-	guestGen map[int64]uint64
+	clGen    gens    // per host cluster
+	guestGen gens    // per guest cluster
 	flushed  []int64 // guest clusters written since the model's last flush
 	gen      uint64
-	logDone  int   // file operations already accounted for
-	fileEnd  int64 // largest end offset the image file has had
-	static   map[int64]staticKey
-	otherGen uint64 // bumped by writes to files other than the image
+	logDone  int         // file operations already accounted for
+	fileEnd  int64       // largest end offset the image file has had
+	static   []staticKey // per guest cluster, the key of its last static verification
+	otherGen uint64      // bumped by writes to files other than the image
 
 	// Per point.
 	point    *faultfs.Point
@@ -107,10 +106,31 @@ type varCluster struct {
 	vs   []variant
 }
 
+// gens holds generation counters by index; missing ones are 0.
+type gens []uint64
+
+func (g gens) get(i int64) uint64 {
+	if i >= 0 && i < int64(len(g)) {
+		return g[i]
+	}
+	return 0
+}
+
+func (g *gens) set(i int64, v uint64) {
+	if i < 0 {
+		return
+	}
+	for int64(len(*g)) <= i {
+		*g = append(*g, 0)
+	}
+	(*g)[i] = v
+}
+
 // staticKey is what a static cluster's verdict depends on.
 // The entry's value stands for the L1 and L2 tables: the cluster reads
 // through that value whatever else the tables hold.
 type staticKey struct {
+	valid       bool   // false for the zero key: never verified
 	hdr, other  uint64 // generations of cluster 0 and of the other files
 	entry, bm   uint64 // the L2 entry (all ones: no L2 table)
 	data, data2 uint64 // generations of the host clusters it reads
@@ -124,8 +144,6 @@ func newUnitVerifier(mdl faultfs.Model, m *model.Disk, cs int64) *unitVerifier {
 	}
 	return &unitVerifier{
 		mdl: mdl, m: m, cs: cs, cb: cb,
-		clGen: map[int64]uint64{}, guestGen: map[int64]uint64{},
-		static: map[int64]staticKey{},
 	}
 }
 
@@ -136,7 +154,7 @@ func (v *unitVerifier) modelWrite(off, n int64) {
 	}
 	v.gen++
 	for c := off >> v.cb; c <= (off+n-1)>>v.cb; c++ {
-		v.guestGen[c] = v.gen
+		v.guestGen.set(c, v.gen)
 		v.flushed = append(v.flushed, c)
 	}
 }
@@ -146,7 +164,7 @@ func (v *unitVerifier) modelWrite(off, n int64) {
 func (v *unitVerifier) modelFlush() {
 	v.gen++
 	for _, c := range v.flushed {
-		v.guestGen[c] = v.gen
+		v.guestGen.set(c, v.gen)
 	}
 	v.flushed = v.flushed[:0]
 }
@@ -182,7 +200,7 @@ func (v *unitVerifier) fileWrite(off, n int64) {
 	v.gen++
 	v.fileEnd = max(v.fileEnd, off+n)
 	for c := off >> v.cb; c <= (off+n-1)>>v.cb; c++ {
-		v.clGen[c] = v.gen
+		v.clGen.set(c, v.gen)
 	}
 }
 
@@ -546,7 +564,7 @@ func (v *unitVerifier) unitAt(pos int64) int32 {
 func (v *unitVerifier) sortCluster(im *Image, c int64) error {
 	l1i := c / im.l2Entries
 	l2i := c % im.l2Entries
-	key := staticKey{hdr: v.clGen[0], other: v.otherGen, entry: ^uint64(0), model: v.guestGen[c]}
+	key := staticKey{valid: true, hdr: v.clGen.get(0), other: v.otherGen, entry: ^uint64(0), model: v.guestGen.get(c)}
 	if l1i >= int64(len(im.l1)) {
 		return v.staticCluster(im, c, key)
 	}
@@ -616,7 +634,7 @@ func (v *unitVerifier) sortCluster(im *Image, c int64) error {
 	switch ext.kind {
 	case extentData:
 		if !v.pendingIn(ext.host, v.cs) {
-			key.data = v.clGen[ext.host>>v.cb]
+			key.data = v.clGen.get(ext.host >> v.cb)
 			return v.staticCluster(im, c, key)
 		}
 	case extentCompressed:
@@ -625,7 +643,7 @@ func (v *unitVerifier) sortCluster(im *Image, c int64) error {
 			v.direct = append(v.direct, c)
 			return nil
 		}
-		key.data, key.data2 = v.clGen[int64(off)>>v.cb], v.clGen[(int64(off)+int64(n))>>v.cb]
+		key.data, key.data2 = v.clGen.get(int64(off)>>v.cb), v.clGen.get((int64(off)+int64(n))>>v.cb)
 		return v.staticCluster(im, c, key)
 	default:
 		return v.staticCluster(im, c, key)
@@ -649,7 +667,7 @@ func (v *unitVerifier) sortCluster(im *Image, c int64) error {
 // staticCluster verifies static cluster c through im unless it was
 // verified with the same key before.
 func (v *unitVerifier) staticCluster(im *Image, c int64, key staticKey) error {
-	if k, ok := v.static[c]; ok && k == key {
+	if c < int64(len(v.static)) && v.static[c] == key {
 		v.reusedN++
 		return nil
 	}
@@ -661,6 +679,9 @@ func (v *unitVerifier) staticCluster(im *Image, c int64, key staticKey) error {
 			return nil
 		}
 		return err
+	}
+	for int64(len(v.static)) <= c {
+		v.static = append(v.static, staticKey{})
 	}
 	v.static[c] = key
 	return nil
