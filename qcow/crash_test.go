@@ -7,6 +7,8 @@ package qcow
 //	crash_rapid_test.go       rapid state machines (TestCrashStateMachine)
 //	crash_exhaustive_test.go  every torn state of small fixed workloads
 //	crash_broken_test.go      deliberately broken writers must be caught
+//	crash_units_test.go       unitVerifier and exDriver: judging states by
+//	                          their pending units (TestCrashUnitVerifierAgrees)
 //	crash_bench_test.go       BenchmarkCrashCheck
 
 import (
