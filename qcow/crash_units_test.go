@@ -303,6 +303,10 @@ func (v *unitVerifier) content(st *faultfs.State, reader func() (io.ReaderAt, er
 			return err
 		}
 		if err := v.prepare(st, r.(wtSizedReader).im); err != nil {
+			if err != v.fail {
+				// Sorting stopped half way: judge the others whole.
+				v.whole, v.fail = true, nil
+			}
 			return err
 		}
 	}
