@@ -548,3 +548,46 @@ func TestSampling(t *testing.T) {
 		seen[img] = true
 	}
 }
+
+// Layouts extended across points that were never asked for states (a
+// caller visiting every k-th point) give the same states as layouts built
+// from scratch for each point.
+func TestSkippedPointsExtendLayouts(t *testing.T) {
+	x := newFx(t)
+	f := x.durableFile("f", fill('a', 4096))
+	for i := range 12 {
+		x.write(f, fill(byte('b'+i), 700), int64(i*300))
+		if i == 6 {
+			x.ok("Sync", f.Sync())
+		}
+	}
+	rec := x.fs.Recording()
+	for _, m := range []faultfs.Model{faultfs.Torn, faultfs.Reorder, faultfs.Prefix} {
+		for _, k := range []int{1, 2, 3, 5} {
+			i, compared := 0, 0
+			for p := range rec.Points() {
+				if i++; i%k != 0 {
+					continue
+				}
+				fresh, err := rec.Point(p.Ops())
+				if err != nil {
+					t.Fatal(err)
+				}
+				var got, want []string
+				for s := range p.States(m, 3, 40) {
+					got = append(got, s.String()+" "+image(t, s))
+				}
+				for s := range fresh.States(m, 3, 40) {
+					want = append(want, s.String()+" "+image(t, s))
+				}
+				if !slices.Equal(got, want) {
+					t.Fatalf("%s, every %d-th point, point %d: states\n%v\nwant (layout built afresh)\n%v", m, k, p.Ops(), got, want)
+				}
+				compared += len(got)
+			}
+			if compared < 8 {
+				t.Fatalf("%s, every %d-th point: only %d states compared", m, k, compared)
+			}
+		}
+	}
+}
