@@ -81,11 +81,14 @@ type benchCase struct {
 	rec  *faultfs.Recording
 }
 
-// benchWorkload records the benchmark's workload.
-func benchWorkload(b testing.TB) benchCase {
+// largeWorkload is the benchmark's workload, also checked by
+// TestCrashLargeWorkload: 1,000 operations on a 64 MiB v3 image with
+// 64 KiB clusters, writes of 1 byte to 64 KiB at random offsets, a zero
+// write of up to 64 KiB every 10 ops, a flush every 50.
+func largeWorkload() exWorkload {
 	const size = 64 << 20
 	r := rand.New(rand.NewPCG(1, 2))
-	w := exWorkload{name: "bench", cfg: crashConfig{version: 3, cs: 64 << 10}, size: size}
+	w := exWorkload{name: "large", cfg: crashConfig{version: 3, cs: 64 << 10}, size: size}
 	for i := range 1000 {
 		switch {
 		case i%50 == 49:
@@ -98,7 +101,13 @@ func benchWorkload(b testing.TB) benchCase {
 			w.ops = append(w.ops, exOp{kind: "write", off: r.Int64N(size - n), n: n, seed: uint64(i)})
 		}
 	}
-	mem, base := crashSetup(b, w.cfg, size, 1)
+	return w
+}
+
+// benchWorkload records the benchmark's workload.
+func benchWorkload(b testing.TB) benchCase {
+	w := largeWorkload()
+	mem, base := crashSetup(b, w.cfg, w.size, 1)
 	ffs := faultfs.New(mem)
 	im, err := Open(ffs, "img", &Options{ReadWrite: true})
 	if err != nil {

@@ -33,6 +33,8 @@ type exWorkload struct {
 	// exercised, if set, checks (before Close) that the workload did
 	// what its name says.
 	exercised func(im *Image) error
+	// stride, if above 1, checks only every stride-th crash point.
+	stride int
 }
 
 // id is the workload part of a case ID.
@@ -327,7 +329,11 @@ func exRunJudged(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap fu
 	d := newExDriver(w, exData(w), base, ends)
 	v := newUnitVerifier(faultfs.Torn, d.m, w.cfg.cs)
 	d.v = v
+	i := 0
 	for p := range ffs.Recording().Points() {
+		if i++; w.stride > 1 && i%w.stride != 0 {
+			continue
+		}
 		// One model, advanced point by point; states judged by their
 		// pending units (unitVerifier).
 		d.advance(p.Ops())
@@ -355,6 +361,26 @@ func exRunJudged(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap fu
 			w.id(), states, v.wholeN, v.unitN, v.directN, v.staticN, v.reusedN, v.byUnitN, v.varN, v.memoHits)
 	}
 	return states, nil
+}
+
+// TestCrashLargeWorkload checks the benchmark's workload (largeWorkload:
+// 1,000 operations on a 64 MiB v3 image) at every crash point, 16 torn
+// states each (4 at every 8th point under -short), by the verdicts of the
+// exhaustive tests.
+func TestCrashLargeWorkload(t *testing.T) {
+	w := largeWorkload()
+	limit := 16
+	if lightTests() {
+		limit, w.stride = 4, 8
+	}
+	states, err := exRun(t, w, limit, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if states < 1000 {
+		t.Fatalf("only %d crash states", states)
+	}
+	t.Logf("%s: %d crash states checked", w.id(), states)
 }
 
 // TestCrashExhaustive checks, for small fixed workloads, every crash point
