@@ -25,9 +25,9 @@ import (
 //     every pending unit and outside the range where the file size varies.
 //     It reads the same in every state of the point and is verified once,
 //     through the first state's reader. It is not verified again at later
-//     points while no file operation has written its entry's sector, its
-//     L1 entry's cluster, cluster 0 or its data cluster, and the model
-//     has not changed it (generation counters).
+//     points while its L2 entry holds the same value and no file operation
+//     has written cluster 0, another file or the host clusters it reads,
+//     and the model has not changed it (generation counters, staticKey).
 //   - by units: its entries are fixed (or lie in one pending unit: then per
 //     version of that unit, the entry value it gives) and it reads plain
 //     data clusters. Every sector it reads from a pending unit is judged
@@ -44,7 +44,8 @@ import (
 //
 // A unit check that fails is confirmed by verifying the cluster through the
 // state's reader; if that passes, the verifier reports its own error. The
-// verdicts agree with whole verification (TestCrashUnitVerifierAgrees).
+// check verdict is remembered per point (see verify). The verdicts agree
+// with whole verification (TestCrashUnitVerifierAgrees).
 type unitVerifier struct {
 	mdl faultfs.Model
 	m   *model.Disk
