@@ -9,17 +9,17 @@ import (
 )
 
 // BenchmarkCrashCheck measures crash states checked per second, after a
-// 1,000-operation workload (writes of 512 B to 64 KiB, zero writes, a flush
-// every 50) on a 64 MiB v3 image with 64 KiB clusters. Each state of the
-// torn model is drawn, its image opened and checked whole by Check (no
-// corruption allowed), and its content judged against the flat model of its
-// point, as exRun judges states. The recording is replayed pass after
-// pass, and everything after the workload is timed: walking the points,
-// drawing the states, advancing the model (exDriver) and judging
-// (unitVerifier). Two samplings:
+// 1,000-operation workload (largeWorkload) on a 64 MiB v3 image with 64 KiB
+// clusters. Each state of the torn model is drawn, gets the verdict of
+// Check on its image (no corruption allowed; the verdict is remembered for
+// states that read the same metadata bytes, see unitVerifier.verify) and
+// has its content judged against the flat model of its point, as exRun
+// judges states. The recording is replayed pass after pass, and everything
+// after the workload is timed: walking the points, drawing the states,
+// advancing the model (exDriver) and judging (unitVerifier). Two samplings:
 //
-//   - per-point=8: 8 states at every 16th of the 1,226 crash points (608
-//     states a pass), the sampling of crashtest soak
+//   - per-point=8: up to 8 states at every 16th of the 1,226 crash points
+//     (573 states a pass), the sampling of crashtest soak
 //     (harness.DefaultStatesPerPoint), where the per-point work (the
 //     model, the point's layout, sorting the clusters) weighs as much as
 //     the states;
