@@ -289,9 +289,8 @@ type fileLay struct {
 	ino     *inode
 	sizes   []int64 // distinct sizes; sizes[0] is durable
 	sizeH   hist
-	sizeDim int // -1 when sizes has one value
-	units   []int64
-	slot    map[int64]int32
+	sizeDim int        // -1 when sizes has one value
+	units   []int64    // pending unit indexes, sorted: a unit's position is its slot
 	vers    [][][]byte // per slot, distinct unit contents; [0] is durable
 	hs      []hist     // per slot
 	dim0    int
@@ -404,7 +403,7 @@ func buildLayout(w *world, unit int64, prev *layout) *layout {
 		if ino == nil {
 			continue
 		}
-		fl := &fileLay{ino: ino, sizes: []int64{ino.dsize}, sizeH: hist{raw: []uint32{0}}, slot: make(map[int64]int32)}
+		fl := &fileLay{ino: ino, sizes: []int64{ino.dsize}, sizeH: hist{raw: []uint32{0}}}
 		for _, ev := range ino.sizes {
 			fl.sizeH.raw = append(fl.sizeH.raw, uint32(addDistinct(&fl.sizes, ev.size)))
 			fl.sizeH.idx = append(fl.sizeH.idx, ev.idx)
@@ -484,10 +483,7 @@ func extendUnits(fl *fileLay, pf *fileLay, ino *inode, recs []record, U int64, a
 		pf = &fileLay{}
 	}
 	if len(recs) == 0 {
-		fl.units, fl.slot, fl.vers, fl.hs = pf.units, pf.slot, pf.vers, pf.hs
-		if fl.slot == nil {
-			fl.slot = make(map[int64]int32)
-		}
+		fl.units, fl.vers, fl.hs = pf.units, pf.vers, pf.hs
 		return
 	}
 	set := make(map[int64]bool)
@@ -537,7 +533,7 @@ func extendUnits(fl *fileLay, pf *fileLay, ino *inode, recs []record, U int64, a
 		base := u * U
 		var vers [][]byte
 		var h hist
-		if s, ok := pf.slot[u]; ok {
+		if s, ok := slices.BinarySearch(pf.units, u); ok {
 			// Clipped, so appends copy: pf's slices are shared with its states.
 			vers = slices.Clip(pf.vers[s])
 			ph := pf.hs[s]
@@ -606,10 +602,6 @@ func extendUnits(fl *fileLay, pf *fileLay, ino *inode, recs []record, U int64, a
 			add(touched[j], res[j].vers, res[j].h)
 			j++
 		}
-	}
-	fl.slot = make(map[int64]int32, len(fl.units))
-	for s, u := range fl.units {
-		fl.slot[u] = int32(s)
 	}
 }
 

@@ -369,15 +369,15 @@ func exRunJudged(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap fu
 // exhaustive tests.
 func TestCrashLargeWorkload(t *testing.T) {
 	w := largeWorkload()
-	limit := 16
+	limit, want := 16, 10000
 	if lightTests() {
-		limit, w.stride = 4, 8
+		limit, w.stride, want = 4, 8, 500
 	}
 	states, err := exRun(t, w, limit, 0, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if states < 1000 {
+	if states < want {
 		t.Fatalf("only %d crash states", states)
 	}
 	t.Logf("%s: %d crash states checked", w.id(), states)
