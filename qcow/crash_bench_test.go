@@ -81,14 +81,15 @@ type benchCase struct {
 	rec  *faultfs.Recording
 }
 
-// largeWorkload is the benchmark's workload, also checked by
-// TestCrashLargeWorkload: 1,000 operations on a 64 MiB v3 image with
-// 64 KiB clusters, writes of 1 byte to 64 KiB at random offsets, a zero
-// write of up to 64 KiB every 10 ops, a flush every 50.
-func largeWorkload() exWorkload {
+// largeWorkload is the benchmark's workload (on a v3 image with 64 KiB
+// clusters), also checked by TestCrashLargeWorkload in other
+// configurations: 1,000 operations on a 64 MiB image, writes of 1 byte to
+// 64 KiB at random offsets, a zero write of up to 64 KiB every 10 ops, a
+// flush every 50.
+func largeWorkload(cfg crashConfig) exWorkload {
 	const size = 64 << 20
 	r := rand.New(rand.NewPCG(1, 2))
-	w := exWorkload{name: "large", cfg: crashConfig{version: 3, cs: 64 << 10}, size: size}
+	w := exWorkload{name: "large", cfg: cfg, size: size}
 	for i := range 1000 {
 		switch {
 		case i%50 == 49:
@@ -106,7 +107,7 @@ func largeWorkload() exWorkload {
 
 // benchWorkload records the benchmark's workload.
 func benchWorkload(b testing.TB) benchCase {
-	w := largeWorkload()
+	w := largeWorkload(crashConfig{version: 3, cs: 64 << 10})
 	mem, base := crashSetup(b, w.cfg, w.size, 1)
 	ffs := faultfs.New(mem)
 	im, err := Open(ffs, "img", &Options{ReadWrite: true})

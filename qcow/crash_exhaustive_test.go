@@ -364,23 +364,39 @@ func exRunJudged(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap fu
 }
 
 // TestCrashLargeWorkload checks the benchmark's workload (largeWorkload:
-// 1,000 operations on a 64 MiB v3 image) at every crash point, 16 torn
-// states each (4 at every 8th point under -short), by the verdicts of the
-// exhaustive tests.
+// 1,000 operations on a 64 MiB image) by the verdicts of the exhaustive
+// tests: on the benchmark's v3 image with 64 KiB clusters at every crash
+// point, 16 torn states each; with a backing file; and on a v2 image with
+// 4 KiB clusters and a backing file (32 L2 tables, a growing refcount
+// table) at every 4th point, 8 states each. Under -short, every 8th point
+// (32nd for v2), 4 states each.
 func TestCrashLargeWorkload(t *testing.T) {
-	w := largeWorkload()
-	limit, want := 16, 10000
-	if lightTests() {
-		limit, w.stride, want = 4, 8, 500
+	for _, c := range []struct {
+		cfg           crashConfig
+		stride, limit int
+	}{
+		{crashConfig{version: 3, cs: 64 << 10}, 1, 16},
+		{crashConfig{version: 3, cs: 64 << 10, backing: true}, 2, 8},
+		{crashConfig{version: 2, cs: 4096, backing: true}, 4, 8},
+	} {
+		t.Run(c.cfg.String(), func(t *testing.T) {
+			t.Parallel()
+			w := largeWorkload(c.cfg)
+			w.stride = c.stride
+			limit, want := c.limit, 2000
+			if lightTests() {
+				limit, w.stride, want = 4, 8*c.stride, 100
+			}
+			states, err := exRun(t, w, limit, 0, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if states < want {
+				t.Fatalf("only %d crash states", states)
+			}
+			t.Logf("%s: %d crash states checked", w.id(), states)
+		})
 	}
-	states, err := exRun(t, w, limit, 0, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if states < want {
-		t.Fatalf("only %d crash states", states)
-	}
-	t.Logf("%s: %d crash states checked", w.id(), states)
 }
 
 // TestCrashExhaustive checks, for small fixed workloads, every crash point

@@ -881,15 +881,18 @@ func TestCrashUnitVerifierAgrees(t *testing.T) {
 				run{w: w, wrap: func(fsys vfs.FS) vfs.FS { return &syncRangeFS{FS: fsys} }, name: "sync-range"})
 		}
 	}
-	// The large workload (64 MiB): every 4th point, 4 states, of which
+	// The large workload (64 MiB), plain and on a v2 image with 4 KiB
+	// clusters and a backing file: every 4th point, 4 states, of which
 	// every 40th is compared (whole verification reads 64 MiB).
-	large := largeWorkload()
-	large.stride = 4
 	every := 40
-	if lightTests() {
-		large.stride, every = 16, 20
+	for _, cfg := range []crashConfig{{version: 3, cs: 64 << 10}, {version: 2, cs: 4096, backing: true}} {
+		large := largeWorkload(cfg)
+		large.stride = 4
+		if lightTests() {
+			large.stride, every = 16, 20
+		}
+		runs = append(runs, run{w: large, name: "correct"})
 	}
-	runs = append(runs, run{w: large, name: "correct"})
 	var pass, fail int
 	for _, r := range runs {
 		t.Run(fmt.Sprintf("%s/%s/wt=%d/%s", r.w.name, r.w.cfg, crashB2i(r.w.through), r.name), func(t *testing.T) {
