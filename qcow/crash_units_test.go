@@ -67,6 +67,7 @@ type unitVerifier struct {
 	point    *faultfs.Point
 	whole    bool
 	pf       faultfs.PendingFile
+	pfOK     bool  // the image's binding is not pending
 	fail     error // a failure every state of the point shares
 	cons     []unitCons
 	direct   []int64
@@ -117,6 +118,16 @@ func (g gens) get(i int64) uint64 {
 	return 0
 }
 
+// latest returns the largest counter of indexes lo..hi: generations are
+// drawn from one increasing counter, so it changes whenever one of them does.
+func (g gens) latest(lo, hi int64) uint64 {
+	var m uint64
+	for i := lo; i <= hi; i++ {
+		m = max(m, g.get(i))
+	}
+	return m
+}
+
 func (g *gens) set(i int64, v uint64) {
 	if i < 0 {
 		return
@@ -131,11 +142,11 @@ func (g *gens) set(i int64, v uint64) {
 // The entry's value stands for the L1 and L2 tables: the cluster reads
 // through that value whatever else the tables hold.
 type staticKey struct {
-	valid       bool   // false for the zero key: never verified
-	hdr, other  uint64 // generations of cluster 0 and of the other files
-	entry, bm   uint64 // the L2 entry (all ones: no L2 table)
-	data, data2 uint64 // generations of the host clusters it reads
-	model       uint64 // generation of the model's cluster
+	valid      bool   // false for the zero key: never verified
+	hdr, other uint64 // generations of cluster 0 and of the other files
+	entry, bm  uint64 // the L2 entry (all ones: no L2 table)
+	data       uint64 // the latest generation of the host clusters it reads
+	model      uint64 // generation of the model's cluster
 }
 
 func newUnitVerifier(mdl faultfs.Model, m *model.Disk, cs int64) *unitVerifier {
@@ -217,7 +228,7 @@ func (v *unitVerifier) begin(p *faultfs.Point, log []faultfs.Op) {
 	// The check verdict can be remembered when only the image's units
 	// and size differ between the states.
 	pf, ok := p.PendingUnits(v.mdl, "img")
-	v.pf, v.memoOK, v.memoAsk = pf, false, ok && v.mdl != faultfs.Garbage
+	v.pf, v.pfOK, v.memoOK, v.memoAsk = pf, ok, false, ok && v.mdl != faultfs.Garbage
 }
 
 // othersFixed reports whether every file of st but the image reads the
@@ -509,7 +520,7 @@ func (v *unitVerifier) prepare(st *faultfs.State, im *Image) error {
 		return nil
 	}
 	pf := v.pf
-	if _, ok := v.point.PendingUnits(v.mdl, "img"); !ok || pf.Unit%model.SectorSize != 0 || !v.othersFixed(st) {
+	if !v.pfOK || pf.Unit%model.SectorSize != 0 || !v.othersFixed(st) {
 		return nil
 	}
 	h := im.h
@@ -639,7 +650,7 @@ func (v *unitVerifier) sortCluster(im *Image, c int64) error {
 	switch ext.kind {
 	case extentData:
 		if !v.pendingIn(ext.host, v.cs) {
-			key.data = v.clGen.get(ext.host >> v.cb)
+			key.data = v.clGen.latest(ext.host>>v.cb, (ext.host+v.cs-1)>>v.cb)
 			return v.staticCluster(im, c, key)
 		}
 	case extentCompressed:
@@ -648,7 +659,7 @@ func (v *unitVerifier) sortCluster(im *Image, c int64) error {
 			v.direct = append(v.direct, c)
 			return nil
 		}
-		key.data, key.data2 = v.clGen.get(int64(off)>>v.cb), v.clGen.get((int64(off)+int64(n))>>v.cb)
+		key.data = v.clGen.latest(int64(off)>>v.cb, (int64(off)+max(int64(n), 1)-1)>>v.cb)
 		return v.staticCluster(im, c, key)
 	default:
 		return v.staticCluster(im, c, key)
