@@ -52,6 +52,39 @@ func mutClean(t *testing.T, fsys vfs.FS) {
 	}
 }
 
+// mutCloseClean closes im and requires the file "img" in fsys to check
+// clean.
+func mutCloseClean(t *testing.T, im *Image, fsys vfs.FS) {
+	t.Helper()
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mutClean(t, fsys)
+}
+
+// mutWriteReopen writes p at off through im, closes it, requires a clean
+// check, and reopens the file "img" of fsys read-only (closed when the test
+// ends). err says whether p reads back at off.
+func mutWriteReopen(t *testing.T, im *Image, fsys vfs.FS, p []byte, off int64) (re *Image, err error) {
+	t.Helper()
+	if _, err := im.WriteAt(p, off); err != nil {
+		t.Fatal(err)
+	}
+	mutCloseClean(t, im, fsys)
+	if re, err = Open(fsys, "img", nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { re.Close() })
+	got := make([]byte, len(p))
+	if _, err := re.ReadAt(got, off); err != nil {
+		return re, fmt.Errorf("read back %d bytes at %d: %w", len(p), off, err)
+	}
+	if !bytes.Equal(got, p) {
+		return re, fmt.Errorf("the %d bytes written at %d do not read back", len(p), off)
+	}
+	return re, nil
+}
+
 // mutNoRefsPastEnd requires that no cluster at or past the end of the file
 // "img" in fsys has a refcount: a writable open, which allocates after the
 // last such cluster, must allocate right at the end of the file.
@@ -234,10 +267,7 @@ func TestCrashMutantFreeOfZeroRefcount(t *testing.T) {
 		if v, err := w.rc.get(free); err != nil || v != 0 {
 			t.Fatalf("%s: refcount of cluster %d after a decrement from 0 = %d, %v; want 0", c, free, v, err)
 		}
-		if err := im.Close(); err != nil {
-			t.Fatal(err)
-		}
-		mutClean(t, ffs)
+		mutCloseClean(t, im, ffs)
 	}
 }
 
@@ -290,10 +320,7 @@ func TestCrashMutantFreeRetry(t *testing.T) {
 		if !bytes.Equal(got[:n/2], data[:n/2]) || !bytes.Equal(got[n/2:], make([]byte, n/2)) {
 			t.Fatalf("%s: the disk does not read as the data then zeros", c)
 		}
-		if err := im.Close(); err != nil {
-			t.Fatal(err)
-		}
-		mutClean(t, ffs)
+		mutCloseClean(t, im, ffs)
 	}
 }
 
@@ -312,24 +339,11 @@ func TestCrashMutantGrowL1(t *testing.T) {
 		if err := im.Resize(size); err != nil {
 			t.Fatalf("%s: resize to %d: %v", c, int64(size), err)
 		}
-		p := crashData(cs, 4)
-		if _, err := im.WriteAt(p, size-cs); err != nil {
-			t.Fatal(err)
-		}
-		if err := im.Close(); err != nil {
-			t.Fatal(err)
-		}
-		mutClean(t, ffs)
+		im, err := mutWriteReopen(t, im, ffs, crashData(cs, 4), size-cs)
 		mutNoRefsPastEnd(t, ffs)
-		im, err := Open(ffs, "img", nil)
-		if err != nil {
-			t.Fatal(err)
+		if err != nil || im.Size() != size {
+			t.Fatalf("%s: after the resize: size %d, last sector: %v", c, im.Size(), err)
 		}
-		got := make([]byte, cs)
-		if _, err := im.ReadAt(got, size-cs); err != nil || !bytes.Equal(got, p) || im.Size() != size {
-			t.Fatalf("%s: after the resize: size %d, last sector reads back %v, %v", c, im.Size(), bytes.Equal(got, p), err)
-		}
-		im.Close()
 	}
 }
 
@@ -374,10 +388,7 @@ func TestCrashMutantRefcountBatches(t *testing.T) {
 	if len(offs) < 64 || runs*3 > len(offs) {
 		t.Fatalf("%d refcount blocks in %d runs of adjacent clusters; want at least 64 blocks in batches of 3 or more on average", len(offs), runs)
 	}
-	if err := im.Close(); err != nil {
-		t.Fatal(err)
-	}
-	mutClean(t, ffs)
+	mutCloseClean(t, im, ffs)
 	mutNoRefsPastEnd(t, ffs)
 }
 
@@ -468,22 +479,8 @@ func TestCrashMutantCreateEdges(t *testing.T) {
 				im.Close()
 				return
 			}
-			p := crashData(512, 6)
-			if _, err := im.WriteAt(p, tt.size-512); err != nil {
-				t.Fatal(err)
-			}
-			if err := im.Close(); err != nil {
-				t.Fatal(err)
-			}
-			mutClean(t, mem)
-			im, err = Open(mem, "img", nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer im.Close()
-			got := make([]byte, 512)
-			if _, err := im.ReadAt(got, tt.size-512); err != nil || !bytes.Equal(got, p) {
-				t.Fatalf("the last sector does not read back: %v", err)
+			if _, err := mutWriteReopen(t, im, mem, crashData(512, 6), tt.size-512); err != nil {
+				t.Fatalf("the last sector: %v", err)
 			}
 		})
 	}
@@ -721,16 +718,7 @@ func builtWorkload(b *hostile.Base) exWorkload {
 				if name == b.Main {
 					name = "img"
 				}
-				f, err := mem.Create(name)
-				if err == nil {
-					_, err = f.WriteAt(content, 0)
-				}
-				if err == nil {
-					err = f.Close()
-				}
-				if err != nil {
-					t.Fatal(err)
-				}
+				crashPutFile(t, mem, name, content)
 			}
 			return mem, b.Raw
 		},
@@ -981,13 +969,7 @@ func TestCrashMutantRefcountCache(t *testing.T) {
 	}
 	writeStep := func(what string, f func() error) {
 		t.Helper()
-		if err := f(); err != nil {
-			t.Fatalf("%s: %v", what, err)
-		}
-		if err := im.Flush(); err != nil {
-			t.Fatalf("%s: flush: %v", what, err)
-		}
-		m.Flush()
+		step(what, f)
 		if n := len(w.rc.blocks); n != 3 {
 			t.Fatalf("%s: %d refcount blocks cached after a flush, want 3 (3/4 of 4)", what, n)
 		}
@@ -1009,10 +991,7 @@ func TestCrashMutantRefcountCache(t *testing.T) {
 			return im.WriteZeroes(int64(pass)*cs, n/2)
 		})
 	}
-	if err := im.Close(); err != nil {
-		t.Fatal(err)
-	}
-	mutClean(t, ffs)
+	mutCloseClean(t, im, ffs)
 	if err := crashVerify(ffs, m, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -1088,22 +1067,9 @@ func TestCrashMutantFullRefcountTable(t *testing.T) {
 		}
 	}
 	rtOff := im.h.rtOff
-	p := crashData(cs, 7)
-	if _, err := im.WriteAt(p, size-cs); err != nil {
-		t.Fatal(err)
-	}
-	if err := im.Close(); err != nil {
-		t.Fatal(err)
-	}
-	mutClean(t, ffs)
-	im, err = Open(ffs, "img", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer im.Close()
-	got := make([]byte, cs)
-	if _, err := im.ReadAt(got, size-cs); err != nil || !bytes.Equal(got, p) || im.h.rtOff == rtOff {
-		t.Fatalf("after the write: reads back %v (%v), refcount table at %#x (was %#x)", bytes.Equal(got, p), err, im.h.rtOff, rtOff)
+	im, err = mutWriteReopen(t, im, ffs, crashData(cs, 7), size-cs)
+	if err != nil || im.h.rtOff == rtOff {
+		t.Fatalf("after the write: %v, refcount table at %#x (was %#x)", err, im.h.rtOff, rtOff)
 	}
 }
 
@@ -1177,10 +1143,7 @@ func TestCrashMutantCoverAhead(t *testing.T) {
 			t.Fatalf("%s: %d refcount blocks cover %d bytes; the file ends at %d and at most %d bytes ahead (plus a block) should be covered",
 				c, blocks, covered, im.w.end, ahead)
 		}
-		if err := im.Close(); err != nil {
-			t.Fatal(err)
-		}
-		mutClean(t, ffs)
+		mutCloseClean(t, im, ffs)
 		mutNoRefsPastEnd(t, ffs)
 	}
 }
@@ -1202,16 +1165,7 @@ func mutLoad(t *testing.T, name string, poke func(img []byte)) *vfs.MemFS {
 				poke(content)
 			}
 		}
-		f, err := mem.Create(fname)
-		if err == nil {
-			_, err = f.WriteAt(content, 0)
-		}
-		if err == nil {
-			err = f.Close()
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+		crashPutFile(t, mem, fname, content)
 	}
 	return mem
 }
@@ -1698,10 +1652,7 @@ func TestCrashMutantL2CacheExact(t *testing.T) {
 	if len(im.w.l2) > 1 {
 		t.Fatalf("%d dirty L2 tables after the cache overflowed", len(im.w.l2))
 	}
-	if err := im.Close(); err != nil {
-		t.Fatal(err)
-	}
-	mutClean(t, ffs)
+	mutCloseClean(t, im, ffs)
 }
 
 // TestCrashMutantWriteBackBounded: with small cache sizes, write-back mode
@@ -2085,10 +2036,7 @@ func TestCrashMutantLastCover(t *testing.T) {
 				break
 			}
 		}
-		if err := im.Close(); err != nil {
-			t.Fatal(err)
-		}
-		mutClean(t, ffs)
+		mutCloseClean(t, im, ffs)
 		mutNoRefsPastEnd(t, ffs)
 	}
 }

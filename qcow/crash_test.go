@@ -306,7 +306,14 @@ func crashInjected(err error) bool { return errors.Is(err, faultfs.ErrInjected) 
 func crashMemImage(t testing.TB, b []byte) *vfs.MemFS {
 	t.Helper()
 	mem := vfs.NewMem()
-	f, err := mem.Create("img")
+	crashPutFile(t, mem, "img", b)
+	return mem
+}
+
+// crashPutFile creates the file name in mem holding b.
+func crashPutFile(t testing.TB, mem *vfs.MemFS, name string, b []byte) {
+	t.Helper()
+	f, err := mem.Create(name)
 	if err == nil {
 		_, err = f.WriteAt(b, 0)
 	}
@@ -316,5 +323,4 @@ func crashMemImage(t testing.TB, b []byte) *vfs.MemFS {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return mem
 }
