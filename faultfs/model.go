@@ -306,13 +306,6 @@ func (l *layout) radix(m Model, d int) uint32 {
 	return h.n
 }
 
-// built returns a copy of the layouts p has built so far.
-func (p *Point) built() map[int64]*layout {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return maps.Clone(p.lays)
-}
-
 // handOn returns the layouts the next point of a Points iteration may
 // extend: those p built, and for unit sizes p never built, the ones p was
 // handed. So a caller that visits only every k-th point still extends
@@ -960,27 +953,12 @@ func (l *layout) fileOf(name string) (fl *fileLay, ok bool) {
 // or another file): then nothing can be assumed. A name that exists in no
 // state has no ranges.
 func (p *Point) Changeable(m Model, name string) (rs []Extent, ok bool) {
-	name = cleanName(name)
 	l := p.layout(m.unit(p.w.cfg))
-	var nl *nameLay
-	for _, x := range l.names {
-		if x.name == name {
-			nl = x
-		}
+	fl, ok := l.fileOf(name)
+	if !ok || fl == nil {
+		return nil, ok
 	}
-	if nl == nil {
-		return nil, true
-	}
-	if nl.dim >= 0 {
-		return nil, false
-	}
-	fl := l.byID[nl.vers[0]]
-	if fl == nil {
-		return nil, true
-	}
-	units := slices.Clone(fl.units) // unit indexes
-	slices.Sort(units)
-	for _, u := range units {
+	for _, u := range fl.units { // sorted
 		off := u * l.unit
 		if n := len(rs); n > 0 && rs[n-1].Off+rs[n-1].Len >= off {
 			rs[n-1].Len = max(rs[n-1].Len, off+l.unit-rs[n-1].Off)

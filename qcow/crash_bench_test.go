@@ -108,21 +108,6 @@ func largeWorkload(cfg crashConfig) exWorkload {
 // benchWorkload records the benchmark's workload.
 func benchWorkload(b testing.TB) benchCase {
 	w := largeWorkload(crashConfig{version: 3, cs: 64 << 10})
-	mem, base := crashSetup(b, w.cfg, w.size, 1)
-	ffs := faultfs.New(mem)
-	im, err := Open(ffs, "img", &Options{ReadWrite: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	ends := make([]int, len(w.ops))
-	for i, op := range w.ops {
-		if err := exApply(im, op); err != nil {
-			b.Fatal(err)
-		}
-		ends[i] = len(ffs.Log())
-	}
-	if err := im.Close(); err != nil {
-		b.Fatal(err)
-	}
+	ffs, base, ends := exRecord(b, w, 0, nil)
 	return benchCase{w, base, ends, ffs.Recording()}
 }

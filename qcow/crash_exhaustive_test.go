@@ -269,20 +269,20 @@ func exRun(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap func(vfs
 	return exRunJudged(t, w, limit, bugs, wrap, nil)
 }
 
-// exRunJudged is exRun; when judged is set, it is also called with every
-// state and the unit verifier's verdict on it, and exRunJudged goes on
-// after a failing state.
-func exRunJudged(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap func(vfs.FS) vfs.FS,
-	judged func(st *faultfs.State, base []byte, ends []int, verdict error) error) (int, error) {
+// exRecord records workload w on a new image (with the given deliberate
+// bugs, and the file system seen by the writer wrapped by wrap if set) up
+// to its Close, and returns the recording FS, the disk's contents before
+// the workload and, per op, the number of file operations done when it
+// returned.
+func exRecord(t testing.TB, w exWorkload, bugs writerBugs, wrap func(vfs.FS) vfs.FS) (ffs *faultfs.FS, base []byte, ends []int) {
 	t.Helper()
 	var mem *vfs.MemFS
-	var base []byte
 	if w.prepare != nil {
 		mem, base = w.prepare(t)
 	} else {
 		mem, base = crashSetup(t, w.cfg, w.size, 7)
 	}
-	ffs := faultfs.New(mem)
+	ffs = faultfs.New(mem)
 	var fsys vfs.FS = ffs
 	if wrap != nil {
 		fsys = wrap(ffs)
@@ -294,7 +294,7 @@ func exRunJudged(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap fu
 	if im.w != nil {
 		im.w.bugs = bugs
 	}
-	ends := make([]int, len(w.ops))
+	ends = make([]int, len(w.ops))
 	for i, op := range w.ops {
 		if err := exApply(im, op); err != nil {
 			t.Fatalf("%s: op %d (%s): %v", w.id(), i, op.kind, err)
@@ -309,6 +309,16 @@ func exRunJudged(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap fu
 	if err := im.Close(); err != nil {
 		t.Fatalf("%s: close: %v", w.id(), err)
 	}
+	return ffs, base, ends
+}
+
+// exRunJudged is exRun; when judged is set, it is also called with every
+// state and the unit verifier's verdict on it, and exRunJudged goes on
+// after a failing state.
+func exRunJudged(t testing.TB, w exWorkload, limit int, bugs writerBugs, wrap func(vfs.FS) vfs.FS,
+	judged func(st *faultfs.State, base []byte, ends []int, verdict error) error) (int, error) {
+	t.Helper()
+	ffs, base, ends := exRecord(t, w, bugs, wrap)
 	// After a clean close: no leaks, contents exact.
 	m := crashModel(w.size, base)
 	for _, op := range w.ops {

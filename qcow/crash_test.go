@@ -209,17 +209,9 @@ func crashVerify(fsys vfs.FS, m *model.Disk, leaksFrom int64) error {
 // crashVerifyContent is crashVerify with the content verdict given by
 // content, which reads the disk through r.
 func crashVerifyContent(fsys vfs.FS, leaksFrom int64, content func(r io.ReaderAt) error) error {
-	// One open serves the check and the content; when it fails, CheckFile
-	// (which opens what Open refuses but qemu-img check reports on) gives
-	// the verdict.
-	im, openErr := Open(fsys, "img", nil)
-	var res *CheckResult
-	var err error
-	if openErr == nil {
+	im, res, err, openErr := crashOpenCheck(fsys)
+	if im != nil {
 		defer im.Close()
-		res, err = im.Check()
-	} else {
-		res, err = CheckFile(fsys, "img", "")
 	}
 	if err := crashCheckVerdict(res, err, leaksFrom); err != nil {
 		return err
@@ -231,6 +223,20 @@ func crashVerifyContent(fsys vfs.FS, leaksFrom int64, content func(r io.ReaderAt
 		return &crashVerdict{"content", err}
 	}
 	return nil
+}
+
+// crashOpenCheck opens the image "img" of fsys and checks it: one open
+// serves the check and then the content. When Open fails (openErr, and im
+// is nil), CheckFile, which opens what Open refuses but qemu-img check
+// reports on, gives the check result.
+func crashOpenCheck(fsys vfs.FS) (im *Image, res *CheckResult, err, openErr error) {
+	im, openErr = Open(fsys, "img", nil)
+	if openErr == nil {
+		res, err = im.Check()
+	} else {
+		res, err = CheckFile(fsys, "img", "")
+	}
+	return im, res, err, openErr
 }
 
 // crashCheckVerdict is the verdict on what Check (or CheckFile) returned:

@@ -1,6 +1,8 @@
 package qcow
 
 import (
+	"cmp"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -74,8 +76,8 @@ type unitVerifier struct {
 	vars     []varCluster
 	prepared bool
 	memo     []*checkEntry // check verdicts of this point
-	memoOK   bool          // only the image's units and size vary
-	memoAsk  bool          // memoOK is still to be decided
+	chBuf    []uint32      // scratch for memoLookup
+	only     int8          // onlyImage: 0 not yet known, 1 yes, -1 no
 
 	// Counters: states verified whole, by units; clusters verified
 	// static (fresh), static reused, by units, direct per state.
@@ -225,21 +227,30 @@ func (v *unitVerifier) begin(p *faultfs.Point, log []faultfs.Op) {
 	v.fileOps(log)
 	v.point, v.prepared, v.whole, v.fail = p, false, false, nil
 	v.cons, v.direct, v.vars, v.memo = v.cons[:0], v.direct[:0], v.vars[:0], v.memo[:0]
-	// The check verdict can be remembered when only the image's units
-	// and size differ between the states.
-	pf, ok := p.PendingUnits(v.mdl, "img")
-	v.pf, v.pfOK, v.memoOK, v.memoAsk = pf, ok, false, ok && v.mdl != faultfs.Garbage
+	v.pf, v.pfOK = v.point.PendingUnits(v.mdl, "img")
+	v.only = 0
 }
 
-// othersFixed reports whether every file of st but the image reads the
-// same in every state of the point.
-func (v *unitVerifier) othersFixed(st *faultfs.State) bool {
-	for _, name := range st.Names() {
-		if rs, ok := v.point.Changeable(v.mdl, name); name != "img" && (!ok || len(rs) > 0) {
-			return false
+// onlyImage reports whether the states of the point differ only in the
+// units and size of the image file (its binding and every other file are
+// the same in all of them); st is one of the states.
+func (v *unitVerifier) onlyImage(st *faultfs.State) bool {
+	if v.only == 0 {
+		v.only = 1
+		for _, name := range st.Names() {
+			if rs, ok := v.point.Changeable(v.mdl, name); !v.pfOK || name != "img" && (!ok || len(rs) > 0) {
+				v.only = -1
+			}
 		}
 	}
-	return true
+	return v.only == 1
+}
+
+// memoOK reports whether check verdicts can be remembered at this point:
+// Open and Check read only the image file, whose states differ only in
+// their units and size (and not by garbage).
+func (v *unitVerifier) memoOK(st *faultfs.State) bool {
+	return v.mdl != faultfs.Garbage && v.onlyImage(st)
 }
 
 // verify judges state st of the point given to begin by the verdicts of
@@ -267,22 +278,23 @@ func (v *unitVerifier) verify(st *faultfs.State, leaksFrom int64) error {
 			im.Close()
 		}
 	}()
-	if v.memoAsk {
-		v.memoAsk, v.memoOK = false, v.othersFixed(st)
+	size, err := stateSize(st)
+	memo := err == nil && v.memoOK(st)
+	ch := st.Choices("img")
+	var ce *checkEntry
+	if memo {
+		ce = v.memoLookup(size, ch)
 	}
-	ce := v.memoLookup(st)
 	if ce == nil {
 		rec := &readRecorder{FS: st}
 		opened = true
-		im, openErr = Open(rec, "img", nil)
-		ce = &checkEntry{openErr: openErr}
-		if openErr == nil {
-			ce.res, ce.err = im.Check()
-		} else {
-			ce.res, ce.err = CheckFile(rec, "img", "")
-		}
+		ce = &checkEntry{}
+		im, ce.res, ce.err, ce.openErr = crashOpenCheck(rec)
+		openErr = ce.openErr
 		rec.stop = true
-		v.memoAdd(st, ce, rec.reads)
+		if memo {
+			v.memoAdd(ce, size, ch, rec.reads)
+		}
 	} else {
 		v.memoHits++
 	}
@@ -398,48 +410,39 @@ type checkEntry struct {
 // maxCheckEntries bounds the check verdicts remembered per point.
 const maxCheckEntries = 64
 
-// memoLookup returns the remembered check verdict for st, or nil.
-func (v *unitVerifier) memoLookup(st *faultfs.State) *checkEntry {
-	if !v.memoOK {
-		return nil
-	}
-	size, err := stateSize(st)
-	if err != nil {
-		return nil
-	}
-	ch := st.Choices("img")
+// memoLookup returns the remembered check verdict for a state of the
+// given size and choices, or nil.
+func (v *unitVerifier) memoLookup(size int64, ch []uint32) *checkEntry {
 	for _, e := range v.memo {
-		if e.size == size && v.sameChoices(e, ch) {
+		if e.size != size {
+			continue
+		}
+		v.chBuf = v.choicesIn(e.reads, ch, v.chBuf[:0])
+		if slices.Equal(v.chBuf, e.choices) {
 			return e
 		}
 	}
 	return nil
 }
 
-// sameChoices reports whether choices ch agree with e's in e's ranges.
-func (v *unitVerifier) sameChoices(e *checkEntry, ch []uint32) bool {
-	k := 0
-	for _, r := range e.reads {
+// choicesIn appends to dst the choices ch makes for the pending units that
+// overlap the sorted ranges rs.
+func (v *unitVerifier) choicesIn(rs []faultfs.Extent, ch []uint32, dst []uint32) []uint32 {
+	for _, r := range rs {
 		for i := v.unitIndex(r.Off); i < len(v.pf.Units) && v.pf.Units[i].Off < r.Off+r.Len; i++ {
-			if k >= len(e.choices) || ch[i] != e.choices[k] {
-				return false
-			}
-			k++
+			dst = append(dst, ch[i])
 		}
 	}
-	return k == len(e.choices)
+	return dst
 }
 
-// memoAdd remembers check verdict ce of st, whose Open and Check read reads.
-func (v *unitVerifier) memoAdd(st *faultfs.State, ce *checkEntry, reads []faultfs.Extent) {
-	if !v.memoOK || len(v.memo) >= maxCheckEntries {
+// memoAdd remembers check verdict ce of a state of the given size and
+// choices, whose Open and Check read reads.
+func (v *unitVerifier) memoAdd(ce *checkEntry, size int64, ch []uint32, reads []faultfs.Extent) {
+	if len(v.memo) >= maxCheckEntries {
 		return
 	}
-	size, err := stateSize(st)
-	if err != nil {
-		return
-	}
-	slices.SortFunc(reads, func(a, b faultfs.Extent) int { return int(a.Off - b.Off) })
+	slices.SortFunc(reads, func(a, b faultfs.Extent) int { return cmp.Compare(a.Off, b.Off) })
 	var merged []faultfs.Extent
 	for _, r := range reads {
 		if n := len(merged); n > 0 && merged[n-1].Off+merged[n-1].Len >= r.Off {
@@ -449,12 +452,7 @@ func (v *unitVerifier) memoAdd(st *faultfs.State, ce *checkEntry, reads []faultf
 		merged = append(merged, r)
 	}
 	ce.size, ce.reads = size, merged
-	ch := st.Choices("img")
-	for _, r := range merged {
-		for i := v.unitIndex(r.Off); i < len(v.pf.Units) && v.pf.Units[i].Off < r.Off+r.Len; i++ {
-			ce.choices = append(ce.choices, ch[i])
-		}
-	}
+	ce.choices = v.choicesIn(merged, ch, nil)
 	v.memo = append(v.memo, ce)
 }
 
@@ -520,7 +518,7 @@ func (v *unitVerifier) prepare(st *faultfs.State, im *Image) error {
 		return nil
 	}
 	pf := v.pf
-	if !v.pfOK || pf.Unit%model.SectorSize != 0 || !v.othersFixed(st) {
+	if pf.Unit%model.SectorSize != 0 || !v.onlyImage(st) {
 		return nil
 	}
 	h := im.h
@@ -592,18 +590,24 @@ func (v *unitVerifier) sortCluster(im *Image, c int64) error {
 	if l2off == 0 {
 		return v.staticCluster(im, c, key)
 	}
-	esz := int64(8)
-	if im.extL2 {
-		esz = 16
-	}
-	at := int64(l2off) + l2i*esz
 	if v.pf.MinSize < v.pf.MaxSize && int64(l2off)+im.l2Bytes() > v.pf.MinSize {
 		v.direct = append(v.direct, c) // the table may lie beyond EOF
 		return nil
 	}
+	table, err := im.l2Table(l2off)
+	if err != nil {
+		v.direct = append(v.direct, c)
+		return nil
+	}
+	e, bm, at := im.l2EntryAt(table, l2off, l2i)
 	if slot := v.unitAt(at); slot >= 0 {
+		// The entry lies in a pending unit: one variant per value.
 		u := v.pf.Units[slot]
-		if len(u.Versions) > 64 || at+esz > u.Off+v.pf.Unit {
+		end := at + 8 // the entry's end
+		if im.extL2 {
+			end += 8
+		}
+		if len(u.Versions) > 64 || end > u.Off+v.pf.Unit {
 			v.direct = append(v.direct, c)
 			return nil
 		}
@@ -612,9 +616,9 @@ func (v *unitVerifier) sortCluster(im *Image, c int64) error {
 		var seen []ent
 		for j, ver := range u.Versions {
 			b := ver[at-u.Off:]
-			x := ent{e: be64(b)}
+			x := ent{e: binary.BigEndian.Uint64(b)}
 			if im.extL2 {
-				x.bm = be64(b[8:])
+				x.bm = binary.BigEndian.Uint64(b[8:])
 			}
 			k := slices.Index(seen, x)
 			if k < 0 {
@@ -630,15 +634,6 @@ func (v *unitVerifier) sortCluster(im *Image, c int64) error {
 		}
 		v.vars = append(v.vars, vc)
 		return nil
-	}
-	table, err := im.l2Table(l2off)
-	if err != nil {
-		v.direct = append(v.direct, c)
-		return nil
-	}
-	e, bm := table[l2i], uint64(0)
-	if im.extL2 {
-		e, bm = table[2*l2i], table[2*l2i+1]
 	}
 	key.entry, key.bm = e, bm
 	ext, err := im.classifyEntry(e, bm, at, 0)
@@ -783,13 +778,6 @@ func (v *unitVerifier) evalEntry(im *Image, c int64, e, bm uint64, at int64) (va
 		in += l
 	}
 	return out, nil
-}
-
-// be64 decodes a big-endian 64-bit value.
-func be64(b []byte) uint64 {
-	_ = b[7]
-	return uint64(b[0])<<56 | uint64(b[1])<<48 | uint64(b[2])<<40 | uint64(b[3])<<32 |
-		uint64(b[4])<<24 | uint64(b[5])<<16 | uint64(b[6])<<8 | uint64(b[7])
 }
 
 // exDriver advances one model through a workload's ops, crash point after

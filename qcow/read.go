@@ -197,10 +197,18 @@ func (im *Image) l1Entry(i int) (uint64, error) {
 // its cluster and returns the extent from there to the end of the run of
 // the same kind inside that cluster.
 func (im *Image) entryExtent(table []uint64, l2off uint64, l2i, in int64) (extent, error) {
+	e, bitmap, at := im.l2EntryAt(table, l2off, l2i)
+	return im.classifyEntry(e, bitmap, at, in)
+}
+
+// l2EntryAt returns L2 entry l2i of the table at host offset l2off: the
+// entry, its subcluster bitmap (extended L2 entries; else 0) and the host
+// offset where it is stored.
+func (im *Image) l2EntryAt(table []uint64, l2off uint64, l2i int64) (e, bitmap uint64, at int64) {
 	if im.extL2 {
-		return im.classifyEntry(table[2*l2i], table[2*l2i+1], int64(l2off)+l2i*16, in)
+		return table[2*l2i], table[2*l2i+1], int64(l2off) + l2i*16
 	}
-	return im.classifyEntry(table[l2i], 0, int64(l2off)+l2i*8, in)
+	return table[l2i], 0, int64(l2off) + l2i*8
 }
 
 // classifyEntry is entryExtent for the L2 entry e (and, for extended L2

@@ -417,6 +417,7 @@ func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOpt
 	}
 	// Corpus entries are traces, whether or not shrinking got anywhere.
 	best = best.AsTrace()
+	why := harness.Explain(bv)
 	e := harness.Entry{
 		Name:   entryName(cs, v),
 		Case:   best,
@@ -424,7 +425,7 @@ func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOpt
 		Explanation: fmt.Sprintf("Found by crashtest soak (case %d, %s; %d ops, shrunk to %d): %s. Expected to fail until the target is fixed; then set expect to \"pass\".",
 			k, cs.ID(), cs.Ops, best.Ops, verdictLine(bv)),
 	}
-	if why := harness.Explain(bv); why != "" {
+	if why != "" {
 		e.Explanation += " Why: " + why
 	}
 	path, err := harness.SaveEntry(o.out, e)
@@ -443,7 +444,7 @@ func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOpt
 		fmt.Fprintf(&rep, "shrunk from %d to %d ops: %s\n", cs.Ops, best.Ops, sf.ShrunkRepro)
 	}
 	fmt.Fprintf(&rep, "corpus entry: %s (crashtest repro -v %s)\n", path, path)
-	if why := harness.Explain(bv); why != "" {
+	if why != "" {
 		fmt.Fprintf(&rep, "why: %s\n", why)
 	}
 	if err := os.WriteFile(strings.TrimSuffix(path, ".json")+".txt", []byte(rep.String()), 0o644); err != nil {
