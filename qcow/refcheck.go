@@ -280,7 +280,6 @@ type checker struct {
 	refMax   uint64
 
 	rt       []uint64 // refcount table up to its last non-zero entry
-	rtLen    int      // entries in the whole refcount table
 	rbBits   uint32   // log2 of refcount entries per refcount block
 	rbCache  [refBlockCacheLen]rbEntry
 	rbNext   int
@@ -526,7 +525,6 @@ func (c *checker) run() (*CheckResult, error) {
 	rtBuf := c.readPadded(int64(h.rtOff), int64(h.rtClusters)*c.cs)
 	// Only the entries up to the last non-zero one are kept: an index
 	// past the end of c.rt reads as a zero entry (no refcount block).
-	c.rtLen = len(rtBuf) / 8
 	end := 0
 	for k := 0; k < len(rtBuf); k += zeroBlockLen {
 		if !isZero(rtBuf[k:min(k+zeroBlockLen, len(rtBuf))]) {
@@ -538,7 +536,6 @@ func (c *checker) run() (*CheckResult, error) {
 		c.rt[i] = binary.BigEndian.Uint64(rtBuf[8*i:])
 	}
 	putBuf(rtBuf)
-	rtBuf = nil
 	if c.err != nil {
 		return nil, c.err
 	}
@@ -1009,7 +1006,7 @@ func (c *checker) checkBitmaps() {
 func (c *checker) checkRefBlocks() {
 	n := len(c.rt)
 	if c.nb == 0 {
-		n = c.rtLen // every zero entry lies outside an empty file
+		n = int(c.h.rtClusters) * int(c.cs) / 8 // every zero entry lies outside an empty file
 	}
 	for i := range n {
 		var e uint64
