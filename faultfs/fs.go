@@ -98,6 +98,7 @@ type FS struct {
 	known   map[string]bool // names the world has seen
 	nextID  int
 	crashed bool
+	label   string                 // the label of the next operations (Label)
 	handles map[int]map[*file]bool // open handles per inode
 }
 
@@ -112,6 +113,7 @@ type baseFile struct {
 var (
 	_ vfs.FS        = (*FS)(nil)
 	_ vfs.Unwrapper = (*FS)(nil)
+	_ vfs.Labeler   = (*FS)(nil)
 	_ vfs.File      = (*file)(nil)
 	_ vfs.File      = allocFile{}
 	_ vfs.Allocator = allocFile{}
@@ -143,6 +145,14 @@ func (f *FS) SetInjector(inj Injector) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.inj = inj
+}
+
+// Label implements vfs.Labeler: every operation logged after it carries
+// label in Op.Label (and injectors see it), until the next call.
+func (f *FS) Label(label string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.label = label
 }
 
 // Crash stops the world now, as a Crash action would on the next
@@ -199,6 +209,7 @@ func (f *FS) CrashState(m Model, seed uint64) (*State, error) {
 // Called with f.mu held.
 func (f *FS) begin(op *Op) Action {
 	op.Index = len(f.log)
+	op.Label = f.label
 	if f.crashed {
 		return Crash
 	}

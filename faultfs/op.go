@@ -150,6 +150,10 @@ type Op struct {
 	Fault Action
 	// Err is what the call returned.
 	Err error
+	// Label is what the caller said the operation was for (FS.Label), ""
+	// when nothing was said. faultfs attaches no meaning to it; injectors
+	// may match it (the DSL's event predicate) and reports print it.
+	Label string
 }
 
 // String describes the op on one line, without its data.
@@ -180,6 +184,9 @@ func (op Op) String() string {
 	}
 	if op.Err != nil {
 		fmt.Fprintf(&b, " err=%q", op.Err.Error())
+	}
+	if op.Label != "" {
+		fmt.Fprintf(&b, " event=%s", op.Label)
 	}
 	return b.String()
 }

@@ -718,6 +718,13 @@ func (f noBarrierFS) Create(name string) (vfs.File, error) {
 	return noBarrierFile{h}, nil
 }
 
+// Label forwards to the wrapped FS (see vfs.Labeler).
+func (f noBarrierFS) Label(label string) {
+	if l, ok := f.FS.(vfs.Labeler); ok {
+		l.Label(label)
+	}
+}
+
 // noBarrierFile drops Sync, Datasync and SyncRange.
 type noBarrierFile struct{ vfs.File }
 

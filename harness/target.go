@@ -86,7 +86,7 @@ type qcowTarget struct{}
 func (qcowTarget) Name() string      { return TargetQCOW }
 func (qcowTarget) Formats() []string { return slices.Clone(Formats) }
 func (qcowTarget) Open(fsys vfs.FS, name string, wt bool) (Writer, error) {
-	return qcow.Open(fsys, name, &qcow.Options{ReadWrite: true, WriteThrough: wt})
+	return qcow.Open(fsys, name, &qcow.Options{ReadWrite: true, WriteThrough: wt, Events: qcow.LabelEvents(fsys)})
 }
 
 // noBarrierTarget is TargetNoBarrier: this project's writer over a layer

@@ -63,6 +63,11 @@ type Options struct {
 	// RefcountCacheBytes bounds the memory used to cache refcount blocks
 	// of a writable QCOW2 image (0 means 1 MiB, at least four blocks).
 	RefcountCacheBytes int64
+	// Events, when set, is told what the file operations the writer issues
+	// next are for (see Event), just before it issues them. nil costs
+	// nothing. A harness passes the events on to a vfs.Labeler such as
+	// faultfs (see LabelEvents).
+	Events func(Event)
 }
 
 // Image is an open disk image: QCOW, QCOW2 or raw. Its methods are safe for

@@ -111,6 +111,17 @@ type Renamer interface {
 	Rename(oldname, newname string) error
 }
 
+// Labeler is implemented by file systems that record what each operation is
+// for (faultfs keeps the label beside every op in its log). Label sets the
+// label of every operation issued after it, until the next call; "" clears
+// it. A writer that knows why it issues an operation (qcow's writer events)
+// calls Label before it; a file system that does not implement Labeler is
+// simply not told. Like Renamer it is optional: callers check for it with a
+// type assertion, and wrappers forward it.
+type Labeler interface {
+	Label(label string)
+}
+
 // ErrLocked is returned by FS.Open with ReadWrite when another writer holds
 // the file's lock.
 var ErrLocked = errors.New("vfs: file is locked by another writer")
