@@ -82,6 +82,7 @@ func Explore(c Case, o ExploreOptions) (*Exploration, error) {
 	if f != nil {
 		f.Detail = shorten(f.Detail, 600)
 		ex.Verdict.Failure = f
+		ex.Verdict.Coverage = r.earlyCoverage(&ex.Verdict, ffs)
 		ex.Failures = append(ex.Failures, f)
 		return ex, nil
 	}
@@ -92,6 +93,7 @@ func Explore(c Case, o ExploreOptions) (*Exploration, error) {
 	}
 	rec := ffs.Recording()
 	ex.Verdict.FileOps = rec.Len()
+	cov := newCoverRec(c, rec.Ops())
 	statesSeed := faultfs.SubSeed(c.Seed, "states")
 	exportedBase := false
 points:
@@ -116,7 +118,9 @@ points:
 			}
 			ex.Verdict.States++
 			pc.States++
-			if f := r.checkState(n, s); f != nil {
+			f := r.checkState(n, s)
+			cov.state(n, f)
+			if f != nil {
 				f.Point, f.Op = n, pc.Op
 				f.StateKey = fmt.Sprintf("%d/%016x", s.Index(), s.Key())
 				f.State = shorten(s.String(), 400)
@@ -139,6 +143,7 @@ points:
 		ex.Points = append(ex.Points, pc)
 	}
 	ex.Verdict.OK = ex.Verdict.Failure == nil
+	ex.Verdict.Coverage = cov.finish(&ex.Verdict, r.tap.faults)
 	return ex, nil
 }
 

@@ -77,6 +77,9 @@ type Verdict struct {
 	// Faults counts the file operations the fault plan failed (those
 	// after a crash not included).
 	Faults int `json:"faults,omitempty"`
+	// Coverage counts the states checked and the faults injected by
+	// event, fault and outcome (see Coverage).
+	Coverage *Coverage `json:"coverage,omitempty"`
 }
 
 const (
@@ -111,8 +114,8 @@ type Options struct {
 func Run(c Case) Verdict { return RunWith(c, Options{}) }
 
 // RunWith runs the case as o says and returns its verdict.
-func RunWith(c Case, o Options) Verdict {
-	v := Verdict{Case: c}
+func RunWith(c Case, o Options) (v Verdict) {
+	v = Verdict{Case: c}
 	r, ffs, cleanup, f := prepare(c, o)
 	defer cleanup()
 	if ffs != nil {
@@ -122,16 +125,21 @@ func RunWith(c Case, o Options) Verdict {
 	if f != nil {
 		f.Detail = shorten(f.Detail, 600)
 		v.Failure = f
+		v.Coverage = r.earlyCoverage(&v, ffs)
 		return v
 	}
 	rec := ffs.Recording()
 	v.FileOps = rec.Len()
+	cov := newCoverRec(c, rec.Ops())
+	defer func() { v.Coverage = cov.finish(&v, r.tap.faults) }()
 	statesSeed := faultfs.SubSeed(c.Seed, "states")
 	for p, n := range r.crashTimes(rec) {
 		v.Points++
 		for s := range p.States(c.Model, statesSeed, c.StatesPerPoint) {
 			v.States++
-			if f := r.checkState(n, s); f != nil {
+			f := r.checkState(n, s)
+			cov.state(n, f)
+			if f != nil {
 				f.Point = n
 				f.Op = r.inFlight(n)
 				f.StateKey = fmt.Sprintf("%d/%016x", s.Index(), s.Key())
