@@ -18,7 +18,7 @@ func init() {
 	register(&command{
 		name:    "explore",
 		args:    "[--format v3] [--workload FILE|--seed S] [--model torn] [--max-states N] [--states-per-point N] [--target T] [--export DIR] [--fs mem|os:DIR] [--json] [-v]",
-		summary: "Enumerate the crash states of one workload exhaustively (up to --states-per-point per crash point), with counts per crash point and every failure; exit 1 if any state failed.",
+		summary: "Enumerate the crash states of one workload exhaustively (up to --states-per-point per crash point), with counts per crash point, every failure and the coverage table (event × fault × outcome); exit 1 if any state failed.",
 		flags: func(fs *flag.FlagSet) func(*cli, []string) int {
 			var o exploreOptions
 			fs.StringVar(&o.format, "format", "v3", "image `FORMAT` for --seed or an ops file: v1, v2 or v3")
@@ -230,6 +230,7 @@ func (c *cli) explore(cs harness.Case, o exploreOptions) int {
 	if len(ex.Failures) > 0 {
 		fmt.Fprintf(&b, "repro: crashtest repro -v %s\n", cs.ID())
 	}
+	printCoverage(&b, ex.Verdict.Coverage)
 	c.stdout.Write([]byte(b.String()))
 	return code
 }

@@ -25,8 +25,8 @@ import (
 func init() {
 	register(&command{
 		name:    "soak",
-		args:    "[--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--fs mem|os:DIR] [--out DIR] [--json] [-v]",
-		summary: "Run random crash-consistency cases until the duration ends, N cases ran or Ctrl-C; shrink every failure, print a summary and a repro command per failure; exit 1 if any case failed.",
+		args:    "[--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--fs mem|os:DIR] [--out DIR] [--summary FILE] [--json] [-v]",
+		summary: "Run random crash-consistency cases until the duration ends, N cases ran or Ctrl-C; shrink every failure, print a summary, the coverage table (event × fault × outcome) and a repro command per failure; exit 1 if any case failed.",
 		flags: func(fs *flag.FlagSet) func(*cli, []string) int {
 			var o soakOptions
 			fs.DurationVar(&o.duration, "duration", 30*time.Second, "stop starting new cases after `D` (0: no time limit; then stop with --cases or Ctrl-C)")
@@ -39,6 +39,7 @@ func init() {
 			fs.Var(listFlag{&o.target, harness.Targets}, "target", "writer under `TARGET`: qcow (default), qcow-nobarrier (deliberately broken: drops every sync) or another registered target ("+strings.Join(harness.Targets, ", ")+")")
 			fs.BoolVar(&o.errors, "errors", false, "give every case a seeded fault plan (EIO, ENOSPC, short and torn writes, fsync-drop, crash) and judge the errors verdict too")
 			fs.Var(&o.fs, "fs", "run the cases over `mem` (default) or real files through vfs.OS in temporary directories under DIR (os:DIR)")
+			fs.StringVar(&o.summary, "summary", "", "also write the summary as JSON (as --json prints it, with the coverage) to `FILE`, for crashtest merge")
 			fs.StringVar(&o.out, "out", "", "write every failure, shrunk, as a corpus entry (NAME.json) and a short report (NAME.txt) into `DIR`")
 			fs.IntVar(&o.shrinkRuns, "shrink-runs", 200, "shrink each failure with at most `N` candidate runs (0: do not shrink)")
 			fs.DurationVar(&o.progress, "progress", 5*time.Second, "on a terminal, a live progress line; otherwise print a progress line to stderr every `D` (0: never)")
@@ -75,9 +76,9 @@ type soakOptions struct {
 	formats, target    []string
 	models             []faultfs.Model
 	json, verbose      bool
-	errors             bool
+	errors, steer      bool
 	fs                 fsFlag
-	out                string
+	out, summary       string
 	shrinkRuns         int
 }
 
@@ -115,6 +116,9 @@ type soakSummary struct {
 	StatesPerSec   float64       `json:"states_per_second"`
 	Interrupted    bool          `json:"interrupted"`
 	Failures       []soakFailure `json:"failures"`
+	// The settings and coverage of the run, for crashtest merge (see
+	// merge.go).
+	summaryExtra
 }
 
 func (c *cli) soak(ctx context.Context, o soakOptions) int {
@@ -159,6 +163,8 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 	var next, cases, points, states, nfail atomic.Int64
 	var mu sync.Mutex // guards failures and stderr
 	var failures []soakFailure
+	cov := &harness.Coverage{}
+	src := newCaseSource(o, sp)
 	var wg sync.WaitGroup
 	for range o.workers {
 		wg.Add(1)
@@ -170,8 +176,9 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 					return
 				}
 				k := o.shard.i + uint64(j)*o.shard.n
-				cs := harness.Generate(harness.CaseSeed(o.seed, k), sp)
+				cs := src.caseAt(j, k)
 				v := harness.RunWith(cs, runOpts)
+				src.done(j, v.Coverage)
 				cases.Add(1)
 				points.Add(int64(v.Points))
 				states.Add(int64(v.States))
@@ -181,6 +188,7 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 					sf = c.soakFailed(k, cs, v, o, runOpts, shrinkStop)
 				}
 				mu.Lock()
+				cov.Merge(v.Coverage)
 				if !v.OK {
 					failures = append(failures, sf)
 				}
@@ -258,6 +266,12 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 	if sum.Failures == nil {
 		sum.Failures = []soakFailure{}
 	}
+	sum.summaryExtra = soakExtra(o, sum.Cases, cov)
+	if o.summary != "" {
+		if err := writeSummary(o.summary, sum); err != nil {
+			return c.fail("soak: --summary: %v", err)
+		}
+	}
 	if o.json {
 		b, err := json.MarshalIndent(sum, "", "  ")
 		if err != nil {
@@ -265,7 +279,7 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 		}
 		c.stdout.Write(append(b, '\n'))
 	} else {
-		printSoakSummary(c.stdout, sum)
+		printSoakSummary(c.stdout, "soak", sum)
 	}
 	if len(failures) > 0 {
 		return 1
@@ -273,13 +287,15 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 	return 0
 }
 
-func printSoakSummary(w io.Writer, s soakSummary) {
+// printSoakSummary prints the summary of a soak run (or, with cmd
+// "merged", of crashtest merge) with its coverage table.
+func printSoakSummary(w io.Writer, cmd string, s soakSummary) {
 	var b strings.Builder
 	if s.Interrupted {
-		b.WriteString("soak: interrupted; finished the cases in flight\n")
+		fmt.Fprintf(&b, "%s: interrupted; finished the cases in flight\n", cmd)
 	}
-	fmt.Fprintf(&b, "soak summary: seed=%s shard=%s target=%s cases=%d points=%d states=%d elapsed=%.1fs states/s=%.0f failures=%d\n",
-		s.Seed, s.Shard, s.Target, s.Cases, s.Points, s.States, s.ElapsedSeconds, s.StatesPerSec, len(s.Failures))
+	fmt.Fprintf(&b, "%s summary: seed=%s shard=%s target=%s cases=%d points=%d states=%d elapsed=%.1fs states/s=%.0f failures=%d\n",
+		cmd, s.Seed, s.Shard, s.Target, s.Cases, s.Points, s.States, s.ElapsedSeconds, s.StatesPerSec, len(s.Failures))
 	for _, f := range s.Failures {
 		fmt.Fprintf(&b, "FAIL case %d: %s\n  %s\n  repro: %s\n", f.Index, f.ID, printable(f.Failure.String()), f.Repro)
 		if f.ShrunkID != "" {
@@ -292,6 +308,7 @@ func printSoakSummary(w io.Writer, s soakSummary) {
 			fmt.Fprintf(&b, "  why: %s\n", printable(f.Why))
 		}
 	}
+	printCoverage(&b, s.Coverage)
 	io.WriteString(w, b.String())
 }
 
