@@ -11,7 +11,7 @@
 //
 // and, for crash consistency (package harness):
 //
-//	crashtest soak [--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--fs mem|os:DIR] [--out DIR] [--summary FILE] [--json] [-v]
+//	crashtest soak [--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--steer] [--fs mem|os:DIR] [--out DIR] [--summary FILE] [--json] [-v]
 //	crashtest merge [--json] [--summary FILE] SUMMARY...
 //	crashtest repro [-v] [--json] [--shrink] [--save DIR] [--export DIR] [--fs mem|os:DIR] CASE-ID|FILE
 //	crashtest explore [--format v3] [--workload FILE|--seed S] [--model torn] [--max-states N] [--export DIR] [--json]

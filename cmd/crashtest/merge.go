@@ -310,6 +310,10 @@ func (p plainSource) caseAt(_ int64, k uint64) harness.Case {
 }
 func (plainSource) done(int64, *harness.Coverage) {}
 
+// newCaseSource returns soak's case source: steered with --steer.
 func newCaseSource(o soakOptions, sp harness.Space) caseSource {
+	if o.steer {
+		return newSteerSource(o.seed, o.shard, sp)
+	}
 	return plainSource{o.seed, sp}
 }

@@ -25,7 +25,7 @@ import (
 func init() {
 	register(&command{
 		name:    "soak",
-		args:    "[--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--fs mem|os:DIR] [--out DIR] [--summary FILE] [--json] [-v]",
+		args:    "[--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--steer] [--fs mem|os:DIR] [--out DIR] [--summary FILE] [--json] [-v]",
 		summary: "Run random crash-consistency cases until the duration ends, N cases ran or Ctrl-C; shrink every failure, print a summary, the coverage table (event × fault × outcome) and a repro command per failure; exit 1 if any case failed.",
 		flags: func(fs *flag.FlagSet) func(*cli, []string) int {
 			var o soakOptions
@@ -39,6 +39,7 @@ func init() {
 			fs.Var(listFlag{&o.target, harness.Targets}, "target", "writer under `TARGET`: qcow (default), qcow-nobarrier (deliberately broken: drops every sync) or another registered target ("+strings.Join(harness.Targets, ", ")+")")
 			fs.BoolVar(&o.errors, "errors", false, "give every case a seeded fault plan (EIO, ENOSPC, short and torn writes, fsync-drop, crash) and judge the errors verdict too")
 			fs.Var(&o.fs, "fs", "run the cases over `mem` (default) or real files through vfs.OS in temporary directories under DIR (os:DIR)")
+			fs.BoolVar(&o.steer, "steer", false, "bias case generation toward coverage cells (event × fault × outcome) not yet covered: each case is the most promising of several drawn from its seed, judged by the coverage of the cases before it (deterministic from --seed and --shard whatever --workers; every case still reproduces by its ID)")
 			fs.StringVar(&o.summary, "summary", "", "also write the summary as JSON (as --json prints it, with the coverage) to `FILE`, for crashtest merge")
 			fs.StringVar(&o.out, "out", "", "write every failure, shrunk, as a corpus entry (NAME.json) and a short report (NAME.txt) into `DIR`")
 			fs.IntVar(&o.shrinkRuns, "shrink-runs", 200, "shrink each failure with at most `N` candidate runs (0: do not shrink)")
