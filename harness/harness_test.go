@@ -332,3 +332,25 @@ func TestPanicIsFailure(t *testing.T) {
 		t.Fatalf("checkState(nil) = %+v, want a panic failure", f)
 	}
 }
+
+// TestRecordLabels: every file operation a target issues carries the event
+// that names it (qcow's writer, through the broken writers' layers, and
+// the kvmtool2011 port), so that repro -v prints it.
+func TestRecordLabels(t *testing.T) {
+	for _, target := range []string{TargetQCOW, TargetNoBarrier, TargetSyncRange, TargetKvmtool2011} {
+		c := small("v2", faultfs.Torn, 31)
+		c.Target = target
+		tr, err := Record(c)
+		if err != nil && target != TargetKvmtool2011 {
+			t.Fatalf("%s: %v", target, err)
+		}
+		if len(tr.FileOps) < 5 {
+			t.Fatalf("%s: only %d file ops", target, len(tr.FileOps))
+		}
+		for _, op := range tr.FileOps {
+			if !strings.Contains(op, " event=") {
+				t.Errorf("%s: file op without an event: %s", target, op)
+			}
+		}
+	}
+}

@@ -45,6 +45,14 @@ func (s syncRangeFS) Create(name string) (vfs.File, error) {
 	return &syncRangeFile{File: f}, nil
 }
 
+// Label forwards to the wrapped FS (see vfs.Labeler), so that the
+// writer's events label the op log through this layer too.
+func (s syncRangeFS) Label(label string) {
+	if l, ok := s.FS.(vfs.Labeler); ok {
+		l.Label(label)
+	}
+}
+
 // syncRangeFile makes Sync and Datasync a SyncRange over [lo, hi), the
 // span written since the last barrier.
 type syncRangeFile struct {

@@ -29,12 +29,17 @@ func (kvmtoolTarget) Formats() []string { return []string{"v1", "v2"} }
 // any write): the fault layer adopts it as durable, as it does when the
 // qcow target opens it.
 func (kvmtoolTarget) Open(fsys vfs.FS, name string, wt bool) (Writer, error) {
+	o := kvmtool2011.Options{WriteThrough: wt}
+	if l, ok := fsys.(vfs.Labeler); ok {
+		o.Events = l.Label // the port names its operations with qcow's event names
+		l.Label("open")
+	}
 	if _, err := fsys.Stat(backingName); err == nil {
 		if f, err := fsys.Open(backingName, vfs.ReadOnly); err == nil {
 			f.Close()
 		}
 	}
-	return kvmtool2011.Open(fsys, name, kvmtool2011.Options{WriteThrough: wt})
+	return kvmtool2011.Open(fsys, name, o)
 }
 
 // Explain says why the 2011 kvmtool writer fails as f says, for the failures

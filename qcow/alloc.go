@@ -20,6 +20,7 @@ func (w *writer) alloc(n int64) (int64, error) {
 	if n <= 0 || start > MaxHostOffset-n*cs {
 		return 0, fmt.Errorf("%w: the image file would exceed the largest host offset %#x", ErrLimit, int64(MaxHostOffset))
 	}
+	w.im.event(EventClusterAlloc)
 	oldEnd := w.end
 	w.end += n * cs
 	w.remember(func() { w.end = oldEnd })

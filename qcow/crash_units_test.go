@@ -719,7 +719,7 @@ func (v *unitVerifier) evalEntry(im *Image, c int64, e, bm uint64, at int64) (va
 		case extentZero:
 			clear(q)
 		case extentUnallocated:
-			if err := im.readBacking(q, guest+in); err != nil {
+			if err := im.readBacking(q, guest+in, EventReadAIO); err != nil {
 				return variant{direct: true}, nil
 			}
 		case extentData:

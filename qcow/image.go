@@ -98,6 +98,9 @@ type Image struct {
 	closed bool
 
 	w *writer // non-nil when opened with ReadWrite (see write.go)
+
+	events   func(Event) // Options.Events (see events.go)
+	repairEv Event       // the event of a repair's reads and writes (repair.go)
 }
 
 // Open opens the image called name in fsys for reading, validates its
@@ -122,7 +125,7 @@ func Open(fsys vfs.FS, name string, opts *Options) (*Image, error) {
 		// dirty image that the next open repairs again.
 		format := im.format
 		im.Close()
-		if err := rebuildDirty(fsys, name, format); err != nil {
+		if err := rebuildDirty(fsys, name, format, o.Events); err != nil {
 			return nil, err
 		}
 		if im, err = open(fsys, name, o, format, 0, map[string]bool{}); err != nil {
@@ -141,12 +144,18 @@ func open(fsys vfs.FS, name string, o Options, format Format, depth int, seen ma
 	if o.ReadWrite && depth == 0 {
 		flag = vfs.ReadWrite // only the top image; backing files stay read-only
 	}
+	if o.Events != nil {
+		o.Events(EventOpen)
+	}
 	f, err := fsys.Open(name, flag)
 	if err != nil {
 		return nil, err
 	}
 	im, err := openFile(fsys, name, f, o, format, depth, seen)
 	if err != nil {
+		if o.Events != nil {
+			o.Events(EventClose)
+		}
 		f.Close()
 		return nil, err
 	}
@@ -158,7 +167,7 @@ func openFile(fsys vfs.FS, name string, f vfs.File, o Options, format Format, de
 	if err != nil {
 		return nil, err
 	}
-	im := &Image{fsys: fsys, name: name, f: f, fileSize: size, dataFile: f, dataSize: size}
+	im := &Image{fsys: fsys, name: name, f: f, fileSize: size, dataFile: f, dataSize: size, events: o.Events}
 	if format == "" {
 		format, err = probe(f)
 		if err != nil {
@@ -206,6 +215,7 @@ func openFile(fsys vfs.FS, name string, f vfs.File, o Options, format Format, de
 
 	if im.h.backingFile != "" && !o.NoBacking {
 		if err := im.openBacking(o, depth, seen); err != nil {
+			im.event(EventClose)
 			im.closeData()
 			return nil, err
 		}
@@ -497,6 +507,7 @@ func (im *Image) Close() error {
 			err = e
 		}
 	}
+	im.event(EventClose)
 	if e := im.closeData(); err == nil {
 		err = e
 	}

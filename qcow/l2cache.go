@@ -54,6 +54,11 @@ func (c *l2Cache) put(off uint64, t []uint64) {
 // l2Table returns the L2 table at host offset off (validated by the
 // caller), reading it through the cache.
 func (im *Image) l2Table(off uint64) ([]uint64, error) {
+	return im.l2TableEvent(off, EventL2Load)
+}
+
+// l2TableEvent is l2Table reporting ev for a read from the file.
+func (im *Image) l2TableEvent(off uint64, ev Event) ([]uint64, error) {
 	if w := im.w; w != nil {
 		if d := w.l2[off]; d != nil {
 			return d.t, nil // dirty (or new) table of a writable image
@@ -65,6 +70,7 @@ func (im *Image) l2Table(off uint64) ([]uint64, error) {
 	n := im.l2Bytes()
 	buf := getBuf(int(n))
 	defer putBuf(buf)
+	im.event(ev)
 	if err := im.readFull(buf, int64(off)); err != nil {
 		return nil, err
 	}

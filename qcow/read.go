@@ -42,6 +42,12 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 
 // readAt is ReadAt without locking: the writer calls it with its lock held.
 func (im *Image) readAt(p []byte, off int64) (int, error) {
+	return im.readAtEvent(p, off, EventReadAIO)
+}
+
+// readAtEvent is readAt with the event to report for the reads of guest
+// data (read_aio, or cow_read when the writer reads for a copy-on-write).
+func (im *Image) readAtEvent(p []byte, off int64, ev Event) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("qcow: negative offset %d", off)
 	}
@@ -59,7 +65,7 @@ func (im *Image) readAt(p []byte, off int64) (int, error) {
 	}
 	done := 0
 	for done < len(p) {
-		n, err := im.readChunk(p[done:], off+int64(done))
+		n, err := im.readChunk(p[done:], off+int64(done), ev)
 		done += n
 		if err != nil {
 			return done, err
@@ -69,8 +75,9 @@ func (im *Image) readAt(p []byte, off int64) (int, error) {
 }
 
 // readChunk reads the start of p (at least one byte, at most one extent).
-func (im *Image) readChunk(p []byte, off int64) (int, error) {
+func (im *Image) readChunk(p []byte, off int64, ev Event) (int, error) {
 	if im.format == FormatRaw {
+		im.event(ev)
 		n, err := im.f.ReadAt(p, off)
 		if errors.Is(err, io.EOF) {
 			clear(p[n:])
@@ -87,17 +94,21 @@ func (im *Image) readChunk(p []byte, off int64) (int, error) {
 	case extentZero:
 		clear(q)
 	case extentUnallocated:
-		if err := im.readBacking(q, off); err != nil {
+		if err := im.readBacking(q, off, ev); err != nil {
 			return 0, err
 		}
 	case extentData:
+		im.event(ev)
 		n, err := im.dataFile.ReadAt(q, e.host)
 		if err != nil && !errors.Is(err, io.EOF) {
 			return 0, fmt.Errorf("qcow: %s: read data at host offset %#x: %w", im.name, e.host, err)
 		}
 		clear(q[n:]) // a cluster that ends past EOF reads as zeros, as in qemu
 	case extentCompressed:
-		buf, err := im.cluster(e.entry, off>>im.clusterBits)
+		if ev == EventReadAIO {
+			ev = EventReadCompressed
+		}
+		buf, err := im.cluster(e.entry, off>>im.clusterBits, ev)
 		if err != nil {
 			return 0, err
 		}
@@ -108,12 +119,13 @@ func (im *Image) readChunk(p []byte, off int64) (int, error) {
 
 // readBacking fills p from the backing file at off, or with zeros where
 // there is none or it is shorter.
-func (im *Image) readBacking(p []byte, off int64) error {
+func (im *Image) readBacking(p []byte, off int64, ev Event) error {
 	if im.backing == nil {
 		clear(p)
 		return nil
 	}
-	n, err := im.backing.ReadAt(p, off)
+	// A backing image is read-only (no writer, no lock to take).
+	n, err := im.backing.readAtEvent(p, off, ev)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return err
 	}
@@ -342,13 +354,20 @@ func (im *Image) checkCompressed(e, bitmap uint64, at int64) error {
 
 // cluster returns the decompressed guest cluster vcl described by the
 // compressed entry e, using a one-entry cache for sequential reads.
-func (im *Image) cluster(e uint64, vcl int64) ([]byte, error) {
+func (im *Image) cluster(e uint64, vcl int64, ev Event) ([]byte, error) {
 	if b := im.comp.get(e); b != nil {
 		return b, nil
 	}
 	off, size := im.compressedRange(e)
-	size = min(size, uint64(im.fileSize)-off)
+	end := im.fileSize
+	if w := im.w; w != nil {
+		// During a write im.fileSize counts clusters reserved but not yet
+		// written: the compressed data may end the file before them.
+		end = w.fileSize
+	}
+	size = min(size, uint64(max(end, int64(off)))-off)
 	in := make([]byte, size)
+	im.event(ev)
 	if err := im.readFull(in, int64(off)); err != nil {
 		return nil, err
 	}

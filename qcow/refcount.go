@@ -185,6 +185,7 @@ func (rc *refcounts) blockFor(c int64) (*refblock, int64, error) {
 		return nil, 0, formatErr("refcount_table_entry", rc.rtOff+bi*8, uint64(off), "points at refcount block beyond the end of the file or unaligned")
 	}
 	buf := make([]byte, cs)
+	rc.w.im.event(EventRefblockLoad)
 	if err := rc.w.im.readFull(buf, off); err != nil {
 		return nil, 0, err
 	}
@@ -295,6 +296,10 @@ func (rc *refcounts) cover(from, to int64) error {
 	a, err := planRefcountArea(rc.g, from, start, ahead, int64(len(rc.rt)), present, true)
 	if err != nil {
 		return err
+	}
+	w.im.event(EventRefblockAlloc)
+	if a.tableClusters > 0 {
+		w.im.event(EventReftableGrow)
 	}
 	nb := int64(len(a.blocks))
 	areaEnd := (start + nb + a.tableClusters) * cs

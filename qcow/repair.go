@@ -107,8 +107,28 @@ const repairSector = 512
 //     either mode) and, with RepairAll only, the corrupt bit are cleared
 //     in one 8-byte header write followed by a Datasync.
 func Repair(fsys vfs.FS, name string, format Format, mode RepairMode) (*RepairResult, error) {
+	return repairEvents(fsys, name, format, mode, nil, EventRepair)
+}
+
+// RepairWithEvents is Repair telling events what each of its file
+// operations is for (see Event): repair for its reads and its refcount and
+// COPIED writes, flush_to_disk for its barriers, dirty_clear for the
+// header write that clears the dirty bit, open and close. Pass
+// LabelEvents(fsys) to label a faultfs log.
+func RepairWithEvents(fsys vfs.FS, name string, format Format, mode RepairMode, events func(Event)) (*RepairResult, error) {
+	return repairEvents(fsys, name, format, mode, events, EventRepair)
+}
+
+// repairEvents is Repair reporting its file operations to events: ev
+// (repair, or dirty_rebuild) for its reads and refcount and COPIED
+// writes, flush_to_disk for its barriers, dirty_clear for the header
+// write that clears the dirty bit, close for the file's close.
+func repairEvents(fsys vfs.FS, name string, format Format, mode RepairMode, events func(Event), ev Event) (*RepairResult, error) {
 	if mode != RepairLeaks && mode != RepairAll {
 		return nil, fmt.Errorf("qcow: %s: repair: invalid mode %d", name, int(mode))
+	}
+	if events != nil {
+		events(ev)
 	}
 	f, err := fsys.Open(name, vfs.ReadWrite)
 	if err != nil {
@@ -116,9 +136,13 @@ func Repair(fsys vfs.FS, name string, format Format, mode RepairMode) (*RepairRe
 	}
 	im, err := openRepair(fsys, name, f, format)
 	if err != nil {
+		if events != nil {
+			events(EventClose)
+		}
 		f.Close()
 		return nil, err
 	}
+	im.events, im.repairEv = events, ev
 	res, err := im.repair(mode)
 	if cerr := im.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("qcow: %s: repair: close: %w", name, cerr)
@@ -155,6 +179,7 @@ func openRepair(fsys vfs.FS, name string, f vfs.File, format Format) (*Image, er
 // runCheck runs one full check of im and returns the checker with its
 // computed references.
 func (im *Image) runCheck() (*checker, *CheckResult, error) {
+	im.event(im.repairEv)
 	if im.format != FormatQCOW2 {
 		res, err := im.Check()
 		return nil, res, err
@@ -350,6 +375,7 @@ func (im *Image) writeRefcounts(c *checker, raises, lowers []refChange) error {
 		if len(chs) == 0 {
 			return nil
 		}
+		im.event(im.repairEv)
 		dirty := map[int64]bool{} // sector offsets in the file
 		for _, ch := range chs {
 			b, err := load(ch.block)
@@ -377,6 +403,7 @@ func (im *Image) writeRefcounts(c *checker, raises, lowers []refChange) error {
 				return fmt.Errorf("qcow: %s: repair: write refcounts at %#x: %w", im.name, s, err)
 			}
 		}
+		im.event(EventFlushToDisk)
 		if err := im.f.Datasync(); err != nil {
 			return fmt.Errorf("qcow: %s: repair: datasync: %w", im.name, err)
 		}
@@ -393,6 +420,7 @@ func (im *Image) writeRefcounts(c *checker, raises, lowers []refChange) error {
 // refcount equals their references, then syncs. It returns how many
 // entries it changed.
 func (im *Image) fixCopied(c *checker, r *RepairResult) (int, error) {
+	im.event(im.repairEv)
 	n := 0
 	for _, fx := range c.copied {
 		what := "data"
@@ -427,6 +455,7 @@ func (im *Image) fixCopied(c *checker, r *RepairResult) (int, error) {
 			Msg: fmt.Sprintf("Repairing OFLAG_COPIED %s cluster: entry=%#x refcount=%d", what, fx.entry, fx.rc)})
 	}
 	if n > 0 {
+		im.event(EventFlushToDisk)
 		if err := im.f.Datasync(); err != nil {
 			return n, fmt.Errorf("qcow: %s: repair: datasync: %w", im.name, err)
 		}
@@ -450,6 +479,7 @@ func (im *Image) clearFlags(mode RepairMode, after *CheckResult) error {
 		return nil
 	}
 	// Re-read the field: only the two bits change.
+	im.event(EventDirtyClear)
 	var b [8]byte
 	if err := im.readFull(b[:], 72); err != nil {
 		return fmt.Errorf("qcow: %s: repair: %w", im.name, err)
@@ -459,6 +489,7 @@ func (im *Image) clearFlags(mode RepairMode, after *CheckResult) error {
 	if _, err := im.f.WriteAt(b[:], 72); err != nil {
 		return fmt.Errorf("qcow: %s: repair: write header: %w", im.name, err)
 	}
+	im.event(EventFlushToDisk)
 	if err := im.f.Datasync(); err != nil {
 		return fmt.Errorf("qcow: %s: repair: datasync: %w", im.name, err)
 	}
@@ -468,8 +499,8 @@ func (im *Image) clearFlags(mode RepairMode, after *CheckResult) error {
 
 // rebuildDirty repairs the refcounts of a dirty image before a writable
 // open, and fails unless the image is then clean and no longer dirty.
-func rebuildDirty(fsys vfs.FS, name string, format Format) error {
-	res, err := Repair(fsys, name, format, RepairAll)
+func rebuildDirty(fsys vfs.FS, name string, format Format, events func(Event)) error {
+	res, err := repairEvents(fsys, name, format, RepairAll, events, EventDirtyRebuild)
 	if err != nil {
 		return fmt.Errorf("qcow: %s: rebuilding the refcounts of a dirty image: %w", name, err)
 	}

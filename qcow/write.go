@@ -180,6 +180,7 @@ type dirtyTable struct {
 type dataRun struct {
 	off int64
 	buf []byte
+	ev  Event // write_aio or cow_write: runs of different events are not merged
 }
 
 // txn records how to undo one write.
@@ -247,7 +248,7 @@ func (im *Image) openWriter(o Options) error {
 		// Unknown autoclear bits name extensions we would not keep
 		// consistent: clear them, as qemu does on a read-write open.
 		var b [8]byte
-		if err := w.pwrite(b[:], 88); err != nil {
+		if err := w.pwrite(EventHeaderUpdate, b[:], 88); err != nil {
 			im.w = nil
 			return err
 		}
@@ -277,6 +278,7 @@ func (w *writer) openRefcounts(o Options) error {
 		blocks:     map[int64]*refblock{},
 		limit:      int(max(limit/w.cs, 4)),
 	}
+	im.event(EventReftableLoad)
 	rt, err := im.readTable(int64(h.rtOff), int(int64(h.rtClusters)*w.cs/8))
 	if err != nil {
 		return err
@@ -339,6 +341,7 @@ func (w *writer) collectMeta() error {
 		}
 	}
 	if h.nbSnapshots > 0 {
+		im.event(EventOpen)
 		size, snaps, err := im.readSnapshots()
 		if err != nil {
 			return err
@@ -370,11 +373,15 @@ func (w *writer) usable() error {
 	return nil
 }
 
-// pwrite writes b at off in the image file. A write that extends the file
-// is padded with zeros to a sector boundary: a file that ended inside a
-// sector would let a later in-place write of that sector tear in a crash
-// (its bytes before the old end survive, the size change does not).
-func (w *writer) pwrite(b []byte, off int64) error {
+// event reports e to the Options.Events hook, if any.
+func (w *writer) event(e Event) { w.im.event(e) }
+
+// pwrite writes b at off in the image file, reporting ev first. A write
+// that extends the file is padded with zeros to a sector boundary: a file
+// that ended inside a sector would let a later in-place write of that
+// sector tear in a crash (its bytes before the old end survive, the size
+// change does not).
+func (w *writer) pwrite(ev Event, b []byte, off int64) error {
 	end := off + int64(len(b))
 	if pad := -end & 511; pad != 0 && end > w.fileSize {
 		b = append(slices.Clip(b), make([]byte, pad)...)
@@ -383,6 +390,7 @@ func (w *writer) pwrite(b []byte, off int64) error {
 	if w.tx != nil && end > w.tx.fileSize {
 		w.tx.grew = true
 	}
+	w.event(ev)
 	if _, err := w.f.WriteAt(b, off); err != nil {
 		return fmt.Errorf("qcow: %s: write %d bytes at %#x: %w", w.name, len(b), off, err)
 	}
@@ -393,6 +401,7 @@ func (w *writer) pwrite(b []byte, off int64) error {
 // sync is the barrier. A failure is final: it is remembered and every later
 // write fails.
 func (w *writer) sync() error {
+	w.event(EventFlushToDisk)
 	if err := w.f.Datasync(); err != nil {
 		err = fmt.Errorf("qcow: %s: fdatasync: %w", w.name, err)
 		if w.failed == nil {
@@ -406,25 +415,25 @@ func (w *writer) sync() error {
 
 // pwriteMeta writes metadata at off for flush stage stage, recording it
 // for rollback when it changes bytes that existed before the transaction.
-func (w *writer) pwriteMeta(stage int, off int64, enc func() []byte) error {
+func (w *writer) pwriteMeta(stage int, ev Event, off int64, enc func() []byte) error {
 	if w.tx != nil && off < w.tx.fileSize {
 		w.tx.meta[stage] = append(w.tx.meta[stage], metaWrite{off, enc})
 	}
-	return w.pwrite(enc(), off)
+	return w.pwrite(ev, enc(), off)
 }
 
 // dataWrite queues guest data for host offset off, merging contiguous
-// writes into one pwrite.
-func (w *writer) dataWrite(off int64, b []byte) error {
+// writes for the same event (write_aio or cow_write) into one pwrite.
+func (w *writer) dataWrite(ev Event, off int64, b []byte) error {
 	r := &w.run
-	if len(r.buf) > 0 && off == r.off+int64(len(r.buf)) && len(r.buf)+len(b) <= maxRun {
+	if len(r.buf) > 0 && ev == r.ev && off == r.off+int64(len(r.buf)) && len(r.buf)+len(b) <= maxRun {
 		r.buf = append(r.buf, b...)
 		return nil
 	}
 	if err := w.flushRun(); err != nil {
 		return err
 	}
-	r.off = off
+	r.off, r.ev = off, ev
 	r.buf = append(r.buf[:0], b...)
 	return nil
 }
@@ -437,7 +446,7 @@ func (w *writer) flushRun() error {
 	}
 	b, off := r.buf, r.off
 	r.buf = r.buf[:0]
-	if err := w.pwrite(b, off); err != nil {
+	if err := w.pwrite(r.ev, b, off); err != nil {
 		return err
 	}
 	w.unsynced = true
@@ -512,6 +521,7 @@ func (w *writer) rollback(tx *txn, cause error) {
 		if len(tx.meta[stage]) == 0 {
 			continue
 		}
+		w.event(rollbackEvents[stage])
 		for _, m := range tx.meta[stage] {
 			if _, err := w.f.WriteAt(m.enc(), m.off); err != nil {
 				rerr = err
@@ -519,6 +529,7 @@ func (w *writer) rollback(tx *txn, cause error) {
 			}
 		}
 		if rerr == nil {
+			w.event(EventFlushToDisk)
 			rerr = w.f.Datasync()
 		}
 	}
@@ -529,7 +540,9 @@ func (w *writer) rollback(tx *txn, cause error) {
 		// written) and have been written in place by this call, and a cut
 		// inside it would tear a sector (new bytes, then zeros).
 		size := max(tx.end, tx.fileSize)
+		w.event(EventRollbackTruncate)
 		if rerr = w.f.Truncate(size); rerr == nil {
+			w.event(EventFlushToDisk)
 			rerr = w.f.Datasync()
 		}
 		if rerr == nil {
@@ -540,6 +553,10 @@ func (w *writer) rollback(tx *txn, cause error) {
 		w.failed = fmt.Errorf("qcow: %s: rollback after %v failed: %w", w.name, cause, rerr)
 	}
 }
+
+// rollbackEvents names the rewrites of a rollback by the stage that wrote
+// what they undo.
+var rollbackEvents = [4]Event{1: EventRollbackRefcount, 2: EventRollbackRefTable, 3: EventRollbackPointers}
 
 // flush writes all dirty metadata (stages 1-4).
 func (w *writer) flush() error {
@@ -573,7 +590,7 @@ func (w *writer) writeStages() error {
 	l2Offs := sortedKeys(w.l2)
 	for _, off := range l2Offs {
 		if d := w.l2[off]; d.isNew {
-			news = append(news, newPiece{int64(off), encodeTable(d.t)})
+			news = append(news, newPiece{int64(off), encodeTable(d.t), EventL2AllocWrite})
 		}
 	}
 	var blockOffs []int64
@@ -583,21 +600,25 @@ func (w *writer) writeStages() error {
 			b := rc.blocks[off]
 			switch {
 			case b.isNew:
-				news = append(news, newPiece{off, b.b})
+				ev := EventRefblockAllocWrite
+				if rc.rtMoved {
+					ev = EventRefblockAllocWriteBlks
+				}
+				news = append(news, newPiece{off, b.b, ev})
 			case b.hi > 0 && w.bugs&bugNoRefcountUpdate == 0:
 				lo, hi := b.lo, b.hi
-				if err := w.pwriteMeta(1, off+int64(lo), func() []byte { return slices.Clone(b.b[lo:hi]) }); err != nil {
+				if err := w.pwriteMeta(1, EventRefblockUpdatePart, off+int64(lo), func() []byte { return slices.Clone(b.b[lo:hi]) }); err != nil {
 					return err
 				}
 				wrote = true
 			}
 		}
 		if rc.rtMoved {
-			news = append(news, newPiece{rc.rtOff, encodeTable(rc.rt)})
+			news = append(news, newPiece{rc.rtOff, encodeTable(rc.rt), EventRefblockAllocWriteTbl})
 		}
 	}
 	if w.l1Moved {
-		news = append(news, newPiece{int64(im.h.l1Off), encodeTable(im.l1)})
+		news = append(news, newPiece{int64(im.h.l1Off), encodeTable(im.l1), EventL1GrowWriteTable})
 	}
 	if len(news) > 0 {
 		if err := w.writeNew(news); err != nil {
@@ -615,7 +636,7 @@ func (w *writer) writeStages() error {
 	if rc != nil {
 		wrote = false
 		if rc.rtMoved {
-			if err := w.pwriteMeta(2, 48, func() []byte {
+			if err := w.pwriteMeta(2, EventRefblockAllocSwitch, 48, func() []byte {
 				b := binary.BigEndian.AppendUint64(nil, uint64(rc.rtOff))
 				return binary.BigEndian.AppendUint32(b, uint32(rc.rtClusters))
 			}); err != nil {
@@ -624,7 +645,7 @@ func (w *writer) writeStages() error {
 			wrote = true
 		} else if rc.rtHi > 0 {
 			rt, lo, hi := rc.rt, rc.rtLo, rc.rtHi
-			if err := w.pwriteMeta(2, rc.rtOff+int64(lo)*8, func() []byte { return encodeTable(rt[lo:hi]) }); err != nil {
+			if err := w.pwriteMeta(2, EventRefblockAllocHookup, rc.rtOff+int64(lo)*8, func() []byte { return encodeTable(rt[lo:hi]) }); err != nil {
 				return err
 			}
 			wrote = true
@@ -644,20 +665,24 @@ func (w *writer) writeStages() error {
 			continue
 		}
 		t, lo, hi := d.t, d.lo, d.hi
-		if err := w.pwriteMeta(3, int64(off)+int64(lo)*8, func() []byte { return encodeTable(t[lo:hi]) }); err != nil {
+		if err := w.pwriteMeta(3, EventL2Update, int64(off)+int64(lo)*8, func() []byte { return encodeTable(t[lo:hi]) }); err != nil {
 			return err
 		}
 		wrote = true
 	}
 	if !w.l1Moved && w.l1Hi > 0 {
 		l1, lo, hi := im.l1, w.l1Lo, w.l1Hi
-		if err := w.pwriteMeta(3, int64(im.h.l1Off)+int64(lo)*8, func() []byte { return encodeTable(l1[lo:hi]) }); err != nil {
+		if err := w.pwriteMeta(3, EventL1Update, int64(im.h.l1Off)+int64(lo)*8, func() []byte { return encodeTable(l1[lo:hi]) }); err != nil {
 			return err
 		}
 		wrote = true
 	}
 	if w.headerDirty {
-		if err := w.pwriteMeta(3, 24, w.headerSizeFields); err != nil {
+		ev := EventHeaderUpdate
+		if w.l1Moved {
+			ev = EventL1GrowActivateTable
+		}
+		if err := w.pwriteMeta(3, ev, 24, w.headerSizeFields); err != nil {
 			return err
 		}
 		wrote = true
@@ -689,23 +714,25 @@ func (w *writer) writeStages() error {
 type newPiece struct {
 	off int64
 	b   []byte
+	ev  Event
 }
 
 // writeNew writes new structures (never referenced yet, so never part of
-// a rollback's rewrite), merging adjacent ones into one pwrite.
+// a rollback's rewrite), merging adjacent ones of the same event into one
+// pwrite.
 func (w *writer) writeNew(news []newPiece) error {
 	slices.SortFunc(news, func(a, b newPiece) int { return cmp.Compare(a.off, b.off) })
 	for i := 0; i < len(news); {
 		buf, end := news[i].b, news[i].off+int64(len(news[i].b))
 		j := i + 1
-		for ; j < len(news) && news[j].off == end && len(buf) < maxRun; j++ {
+		for ; j < len(news) && news[j].off == end && news[j].ev == news[i].ev && len(buf) < maxRun; j++ {
 			if j == i+1 {
 				buf = slices.Clone(buf)
 			}
 			buf = append(buf, news[j].b...)
 			end += int64(len(news[j].b))
 		}
-		if err := w.pwrite(buf, news[i].off); err != nil {
+		if err := w.pwrite(news[i].ev, buf, news[i].off); err != nil {
 			return err
 		}
 		i = j
@@ -744,7 +771,7 @@ func (w *writer) freeStage() error {
 		if b.isNew || b.hi == 0 {
 			continue
 		}
-		if err := w.pwrite(b.b[b.lo:b.hi], off+int64(b.lo)); err != nil {
+		if err := w.pwrite(EventClusterFree, b.b[b.lo:b.hi], off+int64(b.lo)); err != nil {
 			return err
 		}
 		b.lo, b.hi = 0, 0
@@ -954,6 +981,7 @@ func (im *Image) Resize(newSize int64) error {
 		return nil
 	}
 	if w.raw {
+		w.event(EventHeaderUpdate)
 		if err := w.f.Truncate(newSize); err != nil {
 			return fmt.Errorf("qcow: %s: resize: %w", im.name, err)
 		}
@@ -989,6 +1017,7 @@ func (w *writer) grow(newSize int64) error {
 		return nil
 	}
 	n := (need*8 + w.cs - 1) / w.cs
+	w.event(EventL1GrowAllocTable)
 	off, err := w.alloc(n)
 	if err != nil {
 		return err
@@ -1017,6 +1046,7 @@ func (w *writer) markMeta(off, n int64) {
 
 // rawWrite writes to a raw image.
 func (w *writer) rawWrite(p []byte, off int64) (int, error) {
+	w.event(EventWriteAIO)
 	if _, err := w.f.WriteAt(p, off); err != nil {
 		return 0, fmt.Errorf("qcow: %s: write %d bytes at %d: %w", w.name, len(p), off, err)
 	}
@@ -1141,7 +1171,7 @@ func (w *writer) l2ForWrite(vcl int64) ([]uint64, uint64, int64, error) {
 	w.markMeta(off, size)
 	t := make([]uint64, size/8)
 	if old != 0 {
-		ot, err := im.l2Table(old)
+		ot, err := im.l2TableEvent(old, EventL2AllocCOWRead)
 		if err != nil {
 			return nil, 0, 0, err
 		}
@@ -1221,7 +1251,7 @@ func (w *writer) writeCluster(vcl, in int64, data []byte) error {
 		if err := w.checkOverlap(x.host, toff, l2i); err != nil {
 			return err
 		}
-		return w.dataWrite(x.host+in, data)
+		return w.dataWrite(EventWriteAIO, x.host+in, data)
 	}
 
 	// Copy-on-write into a new cluster, written complete.
@@ -1230,7 +1260,7 @@ func (w *writer) writeCluster(vcl, in int64, data []byte) error {
 	if err != nil {
 		return err
 	}
-	buf := data
+	buf, ev := data, EventWriteAIO
 	if (x.kind == extentZero || x.kind == extentUnallocated && w.backingZero(vcl)) && host >= w.fileSize {
 		// The rest of the cluster must read as zeros, and it does: the
 		// cluster lies beyond everything ever written to the file (space
@@ -1239,18 +1269,18 @@ func (w *writer) writeCluster(vcl, in int64, data []byte) error {
 		// qemu, write the guest's bytes only.
 		buf, host = data, host+in
 	} else if in != 0 || int64(len(data)) != w.cs {
-		buf = make([]byte, w.cs)
+		buf, ev = make([]byte, w.cs), EventCOWWrite
 		if in != 0 || int64(len(data)) < clen {
 			if err := w.flushRun(); err != nil {
 				return err
 			}
-			if _, err := im.readAt(buf[:clen], vcl*w.cs); err != nil && !errors.Is(err, io.EOF) {
+			if _, err := im.readAtEvent(buf[:clen], vcl*w.cs, EventCOWRead); err != nil && !errors.Is(err, io.EOF) {
 				return fmt.Errorf("qcow: %s: read guest cluster %d for copy-on-write: %w", w.name, vcl, err)
 			}
 		}
 		copy(buf[in:], data)
 	}
-	if err := w.dataWrite(host, buf); err != nil {
+	if err := w.dataWrite(ev, host, buf); err != nil {
 		return err
 	}
 	host &^= w.cs - 1

@@ -60,7 +60,7 @@ func TestSoakOutShrinkSaveRepro(t *testing.T) {
 	// repro -v shows the pending writes, findings and differing sectors.
 	rp := execCLI("repro", "-v", m[3])
 	if rp.code != 1 || !strings.Contains(rp.stdout, "FAIL ") || !strings.Contains(rp.stdout, "pending (not yet synced) writes") ||
-		!strings.Contains(rp.stdout, "checker findings on the crash state") {
+		!strings.Contains(rp.stdout, "checker findings on the crash state") || !strings.Contains(rp.stdout, " event=") {
 		t.Fatalf("repro -v of the shrunk case:\n%v", rp)
 	}
 	if strings.Contains(rp.stdout, "FAIL durability") || strings.Contains(rp.stdout, "FAIL content") {

@@ -18,6 +18,14 @@ type Options struct {
 	// write. kvmtool of 2011 had no such mode; see the package
 	// documentation.
 	WriteThrough bool
+	// Events, when set, is told what each file operation is for just
+	// before it is issued, with the names of qcow.Event (this port's
+	// addition, so that a harness can label the op log as it does for its
+	// own writer): open, l2_load, l2_alloc_write, l1_update, cluster_alloc
+	// (the fstat that finds the end of the file for a new cluster),
+	// write_aio, l2_update, flush_to_disk (fsync, and each
+	// sync_file_range), rollback_truncate, close.
+	Events func(string)
 }
 
 // Image is a QCOW version 1 or 2 image open for writing with kvmtool's
@@ -29,18 +37,32 @@ type Image struct {
 	l1     []uint64 // the in-core L1 table, CPU order, flags included
 	wt     bool
 	closed bool
+	events func(string)
+}
+
+// event reports ev to Options.Events, if set.
+func (im *Image) event(ev string) {
+	if im.events != nil {
+		im.events(ev)
+	}
 }
 
 // Open opens the image name of fsys for reading and writing, reads its
 // header and L1 table as kvmtool's qcow_probe did, and returns it. It
 // fails with ErrNotQCOW, ErrHeader or ErrIO.
 func Open(fsys vfs.FS, name string, o Options) (*Image, error) {
+	if o.Events != nil {
+		o.Events("open")
+	}
 	f, err := fsys.Open(name, vfs.ReadWrite)
 	if err != nil {
 		return nil, fmt.Errorf("%w: open %s: %w", ErrIO, name, err)
 	}
 	im, err := open(f, o)
 	if err != nil {
+		if o.Events != nil {
+			o.Events("close")
+		}
 		f.Close()
 		return nil, fmt.Errorf("kvmtool2011: open %s: %w", name, err)
 	}
@@ -60,7 +82,7 @@ func open(f vfs.File, o Options) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Image{f: f, h: h, l1: l1, wt: o.WriteThrough}, nil
+	return &Image{f: f, h: h, l1: l1, wt: o.WriteThrough, events: o.Events}, nil
 }
 
 // Size returns the virtual size in bytes, as the header states it.
@@ -136,6 +158,7 @@ func (im *Image) Close() error {
 	}
 	im.closed = true
 	im.l1 = nil
+	im.event("close")
 	if err := im.f.Close(); err != nil {
 		return fmt.Errorf("%w: close: %w", ErrIO, err)
 	}
@@ -143,6 +166,7 @@ func (im *Image) Close() error {
 }
 
 func (im *Image) fsync() error {
+	im.event("flush_to_disk")
 	if err := im.f.Sync(); err != nil {
 		return fmt.Errorf("%w: fsync: %w", ErrIO, err)
 	}
@@ -190,11 +214,13 @@ func (im *Image) writeCluster(offset uint64, buf []byte) (int, error) {
 	l2t := make([]byte, l2tSz*8) // calloc, line 117
 	l2tOff := im.l1[l1tIdx] &^ h.oflagMask
 	if l2tOff != 0 { // lines 122-124
+		im.event("l2_load")
 		if err := im.preadInFull(l2t, l2tOff); err != nil {
 			return 0, fmt.Errorf("read L2 table of L1 entry %d: %w", l1tIdx, err)
 		}
 	} else {
 		// Capture the size of the consistent image (line 127).
+		im.event("cluster_alloc")
 		fSz, err := im.fileSize()
 		if err != nil {
 			return 0, err
@@ -207,7 +233,7 @@ func (im *Image) writeCluster(offset uint64, buf []byte) (int, error) {
 		// The L1 entry: the bare offset, no QCOW_OFLAG_COPIED (line 137).
 		var t [8]byte
 		binary.BigEndian.PutUint64(t[:], l2tOff)
-		if err := im.pwriteSync(t[:], h.l1TableOffset+l1tIdx*8); err != nil {
+		if err := im.pwriteSync("l1_update", t[:], h.l1TableOffset+l1tIdx*8); err != nil {
 			// Restore the file to the captured size (line 141).
 			return 0, im.rollback(fmt.Errorf("L1 entry %d: %w", l1tIdx, err), fSz)
 		}
@@ -215,6 +241,7 @@ func (im *Image) writeCluster(offset uint64, buf []byte) (int, error) {
 	}
 
 	// Capture the size of the consistent image (line 151).
+	im.event("cluster_alloc")
 	fSz, err := im.fileSize()
 	if err != nil {
 		return 0, err
@@ -227,6 +254,7 @@ func (im *Image) writeCluster(offset uint64, buf []byte) (int, error) {
 	}
 
 	// The data, with a plain pwrite: no sync (line 163).
+	im.event("write_aio")
 	if err := im.pwriteInFull(buf[:length], clustStart+clustOff); err != nil {
 		return 0, fmt.Errorf("data: %w", err)
 	}
@@ -234,7 +262,7 @@ func (im *Image) writeCluster(offset uint64, buf []byte) (int, error) {
 	if updateMeta { // lines 166-175
 		var t [8]byte
 		binary.BigEndian.PutUint64(t[:], clustStart) // no QCOW_OFLAG_COPIED
-		if err := im.pwriteSync(t[:], l2tOff+l2tIdx*8); err != nil {
+		if err := im.pwriteSync("l2_update", t[:], l2tOff+l2tIdx*8); err != nil {
 			return 0, im.rollback(fmt.Errorf("L2 entry %d of the table at %d: %w", l2tIdx, l2tOff, err), fSz)
 		}
 	}
@@ -250,7 +278,7 @@ func (im *Image) writeL2Table(table []byte) (uint64, error) {
 		return 0, err
 	}
 	off := align(fSz, uint64(1)<<im.h.clusterBits)
-	if err := im.pwriteSync(table, off); err != nil {
+	if err := im.pwriteSync("l2_alloc_write", table, off); err != nil {
 		return 0, fmt.Errorf("new L2 table: %w", err)
 	}
 	return off, nil
@@ -260,6 +288,7 @@ func (im *Image) writeL2Table(table []byte) (uint64, error) {
 // the patch does (lines 141 and 171), and returns err (joined with the
 // truncate's error, which kvmtool ignored).
 func (im *Image) rollback(err error, fSz uint64) error {
+	im.event("rollback_truncate")
 	if terr := im.f.Truncate(int64(fSz)); terr != nil {
 		return errors.Join(err, fmt.Errorf("%w: ftruncate to %d: %w", ErrIO, fSz, terr))
 	}
@@ -280,11 +309,13 @@ func (im *Image) fileSize() (uint64, error) {
 }
 
 // pwriteSync is pwrite_sync (patch lines 37-45): pwrite, then
-// sync_file_range over the written range.
-func (im *Image) pwriteSync(b []byte, off uint64) error {
+// sync_file_range over the written range. ev names the write.
+func (im *Image) pwriteSync(ev string, b []byte, off uint64) error {
+	im.event(ev)
 	if err := im.pwriteInFull(b, off); err != nil {
 		return err
 	}
+	im.event("flush_to_disk")
 	if err := im.f.SyncRange(int64(off), int64(len(b))); err != nil {
 		return fmt.Errorf("%w: sync_file_range offset %d length %d: %w", ErrIO, off, len(b), err)
 	}
