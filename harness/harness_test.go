@@ -2,6 +2,7 @@ package harness
 
 import (
 	"encoding/json"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -352,5 +353,31 @@ func TestRecordLabels(t *testing.T) {
 				t.Errorf("%s: file op without an event: %s", target, op)
 			}
 		}
+	}
+}
+
+// TestNoFileOpsAfterCrash: after a crash, an op that issues no file
+// operation (zeroing a cluster that already reads as zeros) may return nil:
+// no injected fault failed any operation of its own.
+func TestNoFileOpsAfterCrash(t *testing.T) {
+	ops, err := DecodeOps("w0+4096.1,f,w0+512.2,z8192+4096")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := Case{Format: "v3", ClusterSize: 4096, Size: 64 << 10, Model: faultfs.Torn, StatesPerPoint: 4,
+		Target: TargetQCOW, Seed: 5, Faults: "(rule (index 1000000) crash)"}.WithTrace(ops)
+	tr, err := Record(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Crash the in-place write of op 2 (no rollback write follows it, so
+	// the writer stays usable); op 3 then changes nothing on disk.
+	c.Faults = fmt.Sprintf("(rule (index %d) crash)", tr.Start[2])
+	v := Run(c)
+	if !v.OK {
+		t.Fatalf("%s: %v", c.ID(), v.Failure)
+	}
+	if tr, _ = Record(c); tr.End[3] != tr.Start[3] {
+		t.Fatalf("op 3 issued file operations %v", tr.FileOps[tr.Start[3]:tr.End[3]])
 	}
 }

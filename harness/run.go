@@ -481,7 +481,9 @@ func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
 			closed = true
 		}
 		r.ends = append(r.ends, r.tap.len(ffs))
-		hit := r.tap.faulted(start)
+		// An op that issued no file operation (after a crash, a write
+		// that changed only the writer's memory) had none failed.
+		hit := r.ends[i] > start && r.tap.faulted(start)
 		switch {
 		case err == nil && hit:
 			return fail(i, "op %d (%s) returned nil although an injected fault failed one of its file operations", i, op)
