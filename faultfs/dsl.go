@@ -2,6 +2,7 @@ package faultfs
 
 import (
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 )
@@ -10,10 +11,14 @@ import (
 // pasted into a test, a corpus entry or `crashtest repro`. Grammar:
 //
 //	injector  = action
+//	          | short
 //	          | "(" "rule" predicate action ")"
 //	          | "(" "any" injector { injector } ")"
+//	short     = SHORTACT "@" [ "after:" ] EVENT [ "#" N | "*" ]
 //	predicate = "true"
 //	          | "(" "index" INT ")"
+//	          | "(" "event" STRING [ N ] ")"
+//	          | "(" "after" STRING [ N ] ")"
 //	          | "(" "kind" KIND { KIND } ")"
 //	          | "(" "path" STRING ")"
 //	          | "(" "offset" INT INT ")"
@@ -27,13 +32,35 @@ import (
 //	KIND      = "create" | "open" | "read" | "write" | "truncate" | "allocate"
 //	          | "sync" | "datasync" | "sync-range" | "sync-dir" | "remove"
 //	          | "close" | "stat" | "size"
+//	SHORTACT  = "eio" | "enospc" | "crash" | "fsync-drop" | "short" | "tear"
 //
 // STRING is a Go double-quoted string literal; INT a decimal int64; UINT a
-// decimal uint64 (a seed); FLOAT a Go float literal in [0, 1]. Tokens are
-// separated by white space or parentheses. Example:
+// decimal uint64 (a seed); N a decimal int >= 1; FLOAT a Go float literal
+// in [0, 1]. Tokens are separated by white space or parentheses. Example:
 //
 //	(any (rule (and (kind write) (path "*.qcow2") (index 12)) (short-write 7))
 //	     (rule (kind sync datasync) fsync-drop))
+//
+// Events. The event and after predicates match operations by their label
+// (Op.Label: what the writer said an operation is for, an opaque string to
+// faultfs): (event "l2_update") every operation labelled l2_update,
+// (event "l2_update" 2) only the second, (after "l1_update" 1) the
+// operation right after the first one labelled l1_update (with crash: a
+// crash just after it completed). The short form is one token for a rule
+// with such a predicate, in the words of qemu's blkdebug rules (once=on
+// is the default, "*" is once=off):
+//
+//	eio@l2_update#2            (rule (event "l2_update" 2) eio)
+//	enospc@refblock_alloc_write (rule (event "refblock_alloc_write" 1) enospc): once, the first
+//	crash@after:l1_update      (rule (after "l1_update" 1) crash)
+//	short@cow_write*           (rule (event "cow_write") (short-write 0)): always, every one
+//
+// short and tear are short-write and tear with seed 0. A rule that has a
+// short form prints as it; one whose label holds white space, a
+// parenthesis, a quote, "@", "#" or "*" (or starts with "after:"), or
+// whose action is seeded otherwise, prints in the long form. Unlike
+// blkdebug's once=off, which fails every request after the event, "*"
+// fails every operation labelled with it (and only those).
 
 // ParseInjector parses an injector written in the DSL above. For every
 // injector inj built by this package, ParseInjector(inj.String()) returns an
@@ -166,6 +193,10 @@ func (p *parser) uint64() (uint64, error) {
 }
 
 func (p *parser) injector() (Injector, error) {
+	if t := p.peek(); t != "(" && strings.Contains(t, "@") {
+		p.pos++
+		return p.short(t)
+	}
 	if p.peek() != "(" {
 		return p.action()
 	}
@@ -201,6 +232,37 @@ func (p *parser) injector() (Injector, error) {
 	}
 	p.pos = save
 	return p.action()
+}
+
+// short parses the short form of an event rule (see the grammar).
+func (p *parser) short(t string) (Injector, error) {
+	name, target, _ := strings.Cut(t, "@")
+	act, ok := shortActions[name]
+	if !ok {
+		return nil, p.errorf("unknown action %q in %q (want one of eio enospc crash fsync-drop short tear)", name, t)
+	}
+	after := strings.HasPrefix(target, "after:")
+	target = strings.TrimPrefix(target, "after:")
+	nth := 1
+	switch {
+	case strings.HasSuffix(target, "*"):
+		target, nth = strings.TrimSuffix(target, "*"), 0
+	case strings.Contains(target, "#"):
+		var n string
+		target, n, _ = strings.Cut(target, "#")
+		v, err := strconv.Atoi(n)
+		if err != nil || v < 1 {
+			return nil, p.errorf("bad count %q in %q (want #N, N >= 1)", n, t)
+		}
+		nth = v
+	}
+	if target == "" || strings.ContainsAny(target, shortSpecials) || strings.HasPrefix(target, "after:") {
+		return nil, p.errorf("bad event %q in %q", target, t)
+	}
+	if after {
+		return Rule(After(target, nth), act), nil
+	}
+	return Rule(Event(target, nth), act), nil
 }
 
 func (p *parser) action() (Action, error) {
@@ -278,6 +340,31 @@ func (p *parser) predicate() (Predicate, error) {
 			return nil, p.errorf("bad string %s", t)
 		}
 		pred = PathMatch(glob)
+	case "event", "after":
+		t, err := p.next()
+		if err != nil {
+			return nil, err
+		}
+		label, err := strconv.Unquote(t)
+		if err != nil || !strings.HasPrefix(t, `"`) {
+			return nil, p.errorf("bad string %s", t)
+		}
+		nth := 0
+		if p.peek() != ")" {
+			n, err := p.int64()
+			if err != nil {
+				return nil, err
+			}
+			if n < 1 || n > math.MaxInt32 {
+				return nil, p.errorf("bad count %d (want N >= 1)", n)
+			}
+			nth = int(n)
+		}
+		if name == "event" {
+			pred = Event(label, nth)
+		} else {
+			pred = After(label, nth)
+		}
 	case "offset":
 		lo, err := p.int64()
 		if err != nil {

@@ -99,6 +99,7 @@ type FS struct {
 	nextID  int
 	crashed bool
 	label   string                 // the label of the next operations (Label)
+	labels  map[string]int         // operations logged per label (Op.LabelSeq)
 	handles map[int]map[*file]bool // open handles per inode
 }
 
@@ -210,6 +211,15 @@ func (f *FS) CrashState(m Model, seed uint64) (*State, error) {
 func (f *FS) begin(op *Op) Action {
 	op.Index = len(f.log)
 	op.Label = f.label
+	if f.labels == nil {
+		f.labels = map[string]int{}
+	}
+	op.LabelSeq = f.labels[op.Label]
+	f.labels[op.Label]++
+	if op.Index > 0 {
+		prev := f.log[op.Index-1]
+		op.PrevLabel, op.PrevLabelSeq = prev.Label, prev.LabelSeq
+	}
 	if f.crashed {
 		return Crash
 	}

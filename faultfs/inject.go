@@ -164,13 +164,107 @@ type rule struct {
 	act  Action
 }
 
-func (r rule) String() string { return fmt.Sprintf("(rule %s %s)", r.pred, r.act) }
+func (r rule) String() string {
+	if sh, ok := r.short(); ok {
+		return sh
+	}
+	return fmt.Sprintf("(rule %s %s)", r.pred, r.act)
+}
 
 func (r rule) MaybeInject(op Op) Action {
 	if r.pred.Match(op) {
 		return r.act
 	}
 	return Action{}
+}
+
+// Event returns the predicate that matches the operations labelled label
+// (Op.Label, see FS.Label): every one when nth is 0, else only the nth
+// (from 1). "(event STRING)", "(event STRING N)". faultfs gives labels no
+// meaning; a writer names with them what each operation is for.
+func Event(label string, nth int) Predicate { return eventPred{label: label, nth: max(nth, 0)} }
+
+// After returns the predicate that matches the operation right after an
+// operation labelled label (every one when nth is 0, else only the nth,
+// from 1): with Crash, a crash just after that operation completed.
+// "(after STRING)", "(after STRING N)".
+func After(label string, nth int) Predicate {
+	return eventPred{label: label, nth: max(nth, 0), after: true}
+}
+
+type eventPred struct {
+	label string
+	nth   int // 0: every matching operation
+	after bool
+}
+
+func (e eventPred) String() string {
+	name := "event"
+	if e.after {
+		name = "after"
+	}
+	if e.nth == 0 {
+		return fmt.Sprintf("(%s %s)", name, strconv.Quote(e.label))
+	}
+	return fmt.Sprintf("(%s %s %d)", name, strconv.Quote(e.label), e.nth)
+}
+
+func (e eventPred) Match(op Op) bool {
+	label, seq := op.Label, op.LabelSeq
+	if e.after {
+		if op.Index == 0 {
+			return false
+		}
+		label, seq = op.PrevLabel, op.PrevLabelSeq
+	}
+	return label == e.label && (e.nth == 0 || seq == e.nth-1)
+}
+
+// short returns the rule in the DSL's short form, ACTION@[after:]EVENT
+// with "#N" for the nth matching operation (none for the first) or "*"
+// for every one, when it has one: an event or after predicate, an action
+// with a short name, a label that is a plain atom.
+func (r rule) short() (string, bool) {
+	e, ok := r.pred.(eventPred)
+	if !ok || e.label == "" || strings.ContainsAny(e.label, shortSpecials) || strings.HasPrefix(e.label, "after:") {
+		return "", false
+	}
+	act, ok := shortActionName(r.act)
+	if !ok {
+		return "", false
+	}
+	s := act + "@"
+	if e.after {
+		s += "after:"
+	}
+	s += e.label
+	switch e.nth {
+	case 0:
+		s += "*"
+	case 1:
+	default:
+		s += fmt.Sprintf("#%d", e.nth)
+	}
+	return s, true
+}
+
+// shortSpecials are the characters a label of a short form may not hold.
+const shortSpecials = " \t\n\r()\"@#*"
+
+// shortActions are the actions of the short form by name (the seeded ones
+// with seed 0).
+var shortActions = map[string]Action{
+	"eio": EIO, "enospc": ENOSPC, "crash": Crash, "fsync-drop": FsyncDrop,
+	"short": ShortWrite(0), "tear": TearThenFail(0),
+}
+
+func shortActionName(a Action) (string, bool) {
+	for name, b := range shortActions {
+		if a == b {
+			return name, true
+		}
+	}
+	return "", false
 }
 
 // Any returns the injector that asks each of injs in turn and applies the

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io/fs"
 	"math"
+	"slices"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -94,6 +96,121 @@ var injectors = []faultfs.Injector{
 		faultfs.Rule(faultfs.OnIndex(3), faultfs.EIO),
 		faultfs.Any(faultfs.Rule(faultfs.Kinds(faultfs.AllKinds), faultfs.ENOSPC)),
 	),
+	// Event rules: short forms, and long ones where the label or the
+	// action has no short form.
+	faultfs.Rule(faultfs.Event("l2_update", 2), faultfs.EIO),
+	faultfs.Rule(faultfs.Event("refblock_alloc_write", 1), faultfs.ENOSPC),
+	faultfs.Rule(faultfs.After("l1_update", 1), faultfs.Crash),
+	faultfs.Rule(faultfs.Event("cow_write", 0), faultfs.ShortWrite(0)),
+	faultfs.Rule(faultfs.After("flush_to_disk", 0), faultfs.TearThenFail(0)),
+	faultfs.Rule(faultfs.Event("a", 1), faultfs.FsyncDrop),
+	faultfs.Rule(faultfs.Event("cow_write", 3), faultfs.ShortWrite(9)),
+	faultfs.Rule(faultfs.Event(`odd "label" #2*`, 0), faultfs.EIO),
+	faultfs.Rule(faultfs.Event("after:x", 1), faultfs.EIO),
+	faultfs.Rule(faultfs.Event("", 0), faultfs.EIO),
+	faultfs.Rule(faultfs.And(faultfs.Event("l2_load", 0), faultfs.Kinds(faultfs.KindSet(faultfs.OpRead))), faultfs.EIO),
+	faultfs.Any(faultfs.Rule(faultfs.Event("x", 4), faultfs.Crash), faultfs.EIO),
+}
+
+// TestEventShortForms: the short forms of event rules parse to the rules
+// they abbreviate and print back as themselves.
+func TestEventShortForms(t *testing.T) {
+	for _, c := range []struct{ short, long string }{
+		{"eio@l2_update#2", `(rule (event "l2_update" 2) eio)`},
+		{"enospc@refblock_alloc_write", `(rule (event "refblock_alloc_write" 1) enospc)`},
+		{"crash@after:l1_update", `(rule (after "l1_update" 1) crash)`},
+		{"short@cow_write", `(rule (event "cow_write" 1) (short-write 0))`},
+		{"short@cow_write*", `(rule (event "cow_write") (short-write 0))`},
+		{"tear@after:x#3", `(rule (after "x" 3) (tear 0))`},
+		{"fsync-drop@flush_to_disk*", `(rule (event "flush_to_disk") fsync-drop)`},
+		{"eio@a#1", "eio@a"},
+	} {
+		a, err := faultfs.ParseInjector(c.short)
+		if err != nil {
+			t.Fatalf("%s: %v", c.short, err)
+		}
+		b, err := faultfs.ParseInjector(c.long)
+		if err != nil {
+			t.Fatalf("%s: %v", c.long, err)
+		}
+		if a.String() != b.String() {
+			t.Errorf("%s parses to %s, %s to %s", c.short, a, c.long, b)
+		}
+		if want := strings.TrimSuffix(c.short, "#1"); a.String() != want {
+			t.Errorf("%s prints as %s", c.short, a)
+		}
+	}
+	for _, s := range []string{"bogus@x", "eio@", "eio@#2", "eio@x#0", "eio@x#-1", "eio@x#y", "eio@x*#2", "eio@x#2*",
+		"eio@after:", "eio@after:after:x", "(rule true eio@x)", `(rule (event) eio)`, `(rule (event x) eio)`,
+		`(rule (event "x" 0) eio)`, `(rule (after "x" -2) eio)`, `(rule (event "x" 1 2) eio)`, "eio@x@y"} {
+		if inj, err := faultfs.ParseInjector(s); err == nil {
+			t.Errorf("ParseInjector(%q) = %v, want an error", s, inj)
+		}
+	}
+}
+
+// TestEventPredicates: event rules fire on the labelled operations of a
+// real FS: the nth, every one, or the one right after.
+func TestEventPredicates(t *testing.T) {
+	labels := []string{"a", "b", "a", "", "a", "b"}
+	run := func(inj string) []int {
+		t.Helper()
+		in, err := faultfs.ParseInjector(inj)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := faultfs.New(vfs.NewMem())
+		h, err := f.Create("x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.SetInjector(in)
+		for _, l := range labels {
+			f.Label(l)
+			h.WriteAt([]byte{1}, 0)
+		}
+		var hit []int
+		for _, op := range f.Log()[1:] {
+			if op.Fault.Fault != faultfs.NoFault {
+				hit = append(hit, op.Index-1)
+			}
+		}
+		return hit
+	}
+	for _, c := range []struct {
+		inj  string
+		want []int
+	}{
+		{"eio@a", []int{0}},
+		{"eio@a#2", []int{2}},
+		{"eio@a#3", []int{4}},
+		{"eio@a#4", nil},
+		{"eio@a*", []int{0, 2, 4}},
+		{"eio@b*", []int{1, 5}},
+		{"eio@after:a", []int{1}},
+		{"eio@after:a#3", []int{5}},
+		{"eio@after:a*", []int{1, 3, 5}},
+		{`(rule (event "") eio)`, []int{3}},
+		{"crash@after:b", []int{2, 3, 4, 5}}, // a crash fails every later op
+	} {
+		if got := run(c.inj); !slices.Equal(got, c.want) {
+			t.Errorf("%s fired on ops %v, want %v", c.inj, got, c.want)
+		}
+	}
+	// LabelSeq and PrevLabel as the predicates see them.
+	f := faultfs.New(vfs.NewMem())
+	h, _ := f.Create("x")
+	for _, l := range labels {
+		f.Label(l)
+		h.WriteAt([]byte{1}, 0)
+	}
+	log := f.Log()
+	if op := log[5]; op.Label != "a" || op.LabelSeq != 2 || op.PrevLabel != "" || op.PrevLabelSeq != 1 {
+		t.Errorf("op 5: %+v", op)
+	}
+	if op := log[6]; op.Label != "b" || op.LabelSeq != 1 || op.PrevLabel != "a" || op.PrevLabelSeq != 2 {
+		t.Errorf("op 6: %+v", op)
+	}
 }
 
 func TestDSLRoundTrip(t *testing.T) {
@@ -102,6 +219,8 @@ func TestDSLRoundTrip(t *testing.T) {
 		ops = append(ops, faultfs.Op{
 			Index: i, Kind: faultfs.OpKind(i % 14), Path: []string{"a.img", `dir with space/"q"(x).img`}[i%2],
 			Offset: int64(i) * 4096, Length: 512,
+			Label: []string{"l2_update", "cow_write", "l1_update", "flush_to_disk", ""}[i%5], LabelSeq: i / 5 % 4,
+			PrevLabel: []string{"l2_update", "cow_write", "l1_update", "flush_to_disk", ""}[(i+4)%5], PrevLabelSeq: i / 7 % 3,
 		})
 	}
 	for _, inj := range injectors {

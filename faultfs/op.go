@@ -154,6 +154,14 @@ type Op struct {
 	// when nothing was said. faultfs attaches no meaning to it; injectors
 	// may match it (the DSL's event predicate) and reports print it.
 	Label string
+	// LabelSeq is how many operations before this one in the log carried
+	// the same Label: 0 for the first (the DSL's "#N" counts from 1).
+	LabelSeq int
+	// PrevLabel and PrevLabelSeq are the Label and LabelSeq of the
+	// operation just before this one in the log (for the DSL's after
+	// predicate); for the first operation, "" and 0.
+	PrevLabel    string
+	PrevLabelSeq int
 }
 
 // String describes the op on one line, without its data.
