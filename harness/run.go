@@ -51,12 +51,18 @@ type Failure struct {
 	// Mismatch shows, for that sector, where it first differs from each
 	// allowed value, in hex: "byte J: got XX.. want YY..; ...".
 	Mismatch string `json:"mismatch,omitempty"`
+	// Rule names the broken ordering rule (kind "ordering", see
+	// OrderingRules); Point is then one past the file op that broke it.
+	Rule string `json:"rule,omitempty"`
 }
 
 // String describes the failure on one line.
 func (f *Failure) String() string {
 	if f.Point < 0 {
 		return fmt.Sprintf("%s: %s", f.Kind, f.Detail)
+	}
+	if f.StateKey == "" {
+		return fmt.Sprintf("%s at crash point %d (workload op %d): %s", f.Kind, f.Point, f.Op, f.Detail)
 	}
 	return fmt.Sprintf("%s at crash point %d (workload op %d) state %s: %s", f.Kind, f.Point, f.Op, f.StateKey, f.Detail)
 }
@@ -80,6 +86,9 @@ type Verdict struct {
 	// Coverage counts the states checked and the faults injected by
 	// event, fault and outcome (see Coverage).
 	Coverage *Coverage `json:"coverage,omitempty"`
+	// OrderingOps counts the file operations (writes and truncates of the
+	// image) judged by the ordering rules.
+	OrderingOps int `json:"ordering_ops,omitempty"`
 }
 
 const (
@@ -107,6 +116,12 @@ type Options struct {
 	// the crash states are still materialized by faultfs, so the verdict
 	// is the same unless the real file system behaves differently.
 	Dir string
+	// MaxStates, when positive, stops checking crash states after that
+	// many in all (the ordering rules are still checked).
+	MaxStates int
+	// NoStates checks no crash state at all, only the ordering rules
+	// (OrderingRules): `--max-states 0` on the command line.
+	NoStates bool
 }
 
 // Run runs the case in memory and returns its verdict. It never panics on
@@ -134,8 +149,14 @@ func RunWith(c Case, o Options) (v Verdict) {
 	defer func() { v.Coverage = cov.finish(&v, r.tap.faults) }()
 	statesSeed := faultfs.SubSeed(c.Seed, "states")
 	for p, n := range r.crashTimes(rec) {
+		if o.NoStates || (o.MaxStates > 0 && v.States >= o.MaxStates) {
+			break
+		}
 		v.Points++
 		for s := range p.States(c.Model, statesSeed, c.StatesPerPoint) {
+			if o.MaxStates > 0 && v.States >= o.MaxStates {
+				break
+			}
 			v.States++
 			f := r.checkState(n, s)
 			cov.state(n, f)
@@ -149,6 +170,10 @@ func RunWith(c Case, o Options) (v Verdict) {
 				return v
 			}
 		}
+	}
+	if f := r.ordering(rec, &v); f != nil {
+		v.Failure = f
+		return v
 	}
 	v.OK = true
 	return v
