@@ -17,7 +17,7 @@ const ExpectPass = "pass"
 
 // FailureKinds lists the failure kinds a Verdict can report, in the order
 // they are checked.
-var FailureKinds = []string{KindErrors, KindOpen, KindCheck, KindDurability, KindContent, KindUsability, KindPanic, KindSetup}
+var FailureKinds = []string{KindErrors, KindOpen, KindCheck, KindDurability, KindContent, KindUsability, KindOrdering, KindPanic, KindSetup}
 
 // Entry is one regression case of the corpus (the corpora directory): a
 // case, what its verdict must be, and why. It is stored as

@@ -78,6 +78,15 @@
 //   - "usability": the recovered image does not accept a new write, flush
 //     it and read it back (with every other sector unchanged), or is
 //     corrupt after doing so.
+//   - "ordering": no crash state failed (or none was checked:
+//     Options.NoStates, `--max-states 0`), but the op log breaks one of
+//     the writer's dependency rules (OrderingRules, Failure.Rule): some
+//     write let a pointer, a refcount or a header switch reach the disk
+//     before what it depends on, or a truncate cut the file under a
+//     durable pointer, so some crash state is broken whether or not one
+//     was sampled. The rules are checked on the op log of the image file
+//     whatever the target, from the durable contents before each write
+//     and that write alone (see CheckOrdering).
 //   - "panic": the code under test panicked (while recording the
 //     workload, or on a crash state); Detail holds the panic value.
 //   - "setup": the harness itself could not build the case (an invalid

@@ -88,10 +88,13 @@ type ptrKey struct {
 
 func keyOf(p qcow.Pointer) ptrKey { return ptrKey{p.Kind, p.At, p.Off, p.Len} }
 
-// checkOrdering applies OrderingRules to every write and truncate of the
-// file name in rec and returns the first broken rule, or nil, with the
-// number of ops judged.
-func checkOrdering(rec *faultfs.Recording, name string) (*Failure, int) {
+// CheckOrdering applies OrderingRules to every write and truncate of the
+// file name in rec, the op log of a writer (any writer) of a QCOW image, and
+// returns the broken rules (at most one per rule and op, at most max in all;
+// max <= 0: all), in op order, with the number of ops judged. Each failure
+// has kind "ordering", its rule, Point one past the op that broke it and
+// Op -1 (it knows no workload).
+func CheckOrdering(rec *faultfs.Recording, name string, max int) (fails []*Failure, judged int) {
 	c := &orderingChecker{name: name, ops: rec.Ops(), stale: true}
 	defer c.closeD()
 	var prev *faultfs.Point
@@ -100,8 +103,12 @@ func checkOrdering(rec *faultfs.Recording, name string) (*Failure, int) {
 			j := p.Ops() - 1
 			op := c.ops[j]
 			if op.Path == name && (op.Kind == faultfs.OpWrite || op.Kind == faultfs.OpTruncate) {
-				if f := c.check(prev, j, op); f != nil {
-					return f, c.checked
+				for _, f := range c.check(prev, j, op) {
+					f.Op = -1
+					fails = append(fails, f)
+					if max > 0 && len(fails) >= max {
+						return fails, c.checked
+					}
 				}
 			}
 			if faultfs.SyncKinds.Has(op.Kind) || op.Kind == faultfs.OpCreate || op.Kind == faultfs.OpRemove {
@@ -110,7 +117,7 @@ func checkOrdering(rec *faultfs.Recording, name string) (*Failure, int) {
 		}
 		prev = p
 	}
-	return nil, c.checked
+	return fails, c.checked
 }
 
 func (c *orderingChecker) closeD() {
@@ -146,22 +153,7 @@ func (c *orderingChecker) loadD(prev *faultfs.Point) {
 	for _, p := range l.Pointers {
 		c.dPtrs[keyOf(p)] = true
 	}
-	c.dRefs = refsOf(l)
-}
-
-// refsOf counts the references to each host cluster.
-func refsOf(l *qcow.Layout) map[int64]int64 {
-	refs := map[int64]int64{}
-	cs := l.ClusterSize
-	for _, p := range l.Pointers {
-		if p.Len <= 0 || p.Off < 0 || p.Off > qcow.MaxHostOffset {
-			continue
-		}
-		for k := p.Off / cs; k <= (p.Off+p.Len-1)/cs; k++ {
-			refs[k] += p.Refs
-		}
-	}
-	return refs
+	c.dRefs = l.References()
 }
 
 // touches reports whether [lo, hi) overlaps one of the sorted ranges rs.
@@ -175,14 +167,19 @@ func touches(rs [][2]int64, lo, hi int64) bool {
 	return i < len(rs) && rs[i][0] < hi
 }
 
-func (c *orderingChecker) check(prev *faultfs.Point, j int, op faultfs.Op) *Failure {
+// check applies the rules to op j, whose world before is prev, and
+// returns the first failure of each rule it breaks.
+func (c *orderingChecker) check(prev *faultfs.Point, j int, op faultfs.Op) []*Failure {
 	c.loadD(prev)
 	if c.dl == nil {
 		return nil // no durable image to judge against: the crash states show it
 	}
 	c.checked++
 	if op.Kind == faultfs.OpTruncate {
-		return c.checkTruncate(j, op)
+		if f := c.checkTruncate(j, op); f != nil {
+			return []*Failure{f}
+		}
+		return nil
 	}
 	hit := false
 	for _, w := range op.Written {
@@ -202,13 +199,11 @@ func (c *orderingChecker) check(prev *faultfs.Point, j int, op faultfs.Op) *Fail
 	if err != nil {
 		return nil // the crash states judge an image that does not parse
 	}
-	if f := c.checkPointers(prev, j, op, pl); f != nil {
-		return f
-	}
+	fails := c.checkPointers(prev, j, op, pl)
 	if pl.HasRefcounts() && c.dl.HasRefcounts() {
-		return c.checkRefcounts(j, op, pl)
+		fails = append(fails, c.checkRefcounts(j, op, pl)...)
 	}
-	return nil
+	return fails
 }
 
 // written reports whether op wrote any byte of [lo, hi).
@@ -223,7 +218,14 @@ func written(op faultfs.Op, lo, hi int64) bool {
 
 // checkPointers applies RuleContents and RuleSwitch to the pointers op j
 // makes.
-func (c *orderingChecker) checkPointers(prev *faultfs.Point, j int, op faultfs.Op, pl *qcow.Layout) *Failure {
+func (c *orderingChecker) checkPointers(prev *faultfs.Point, j int, op faultfs.Op, pl *qcow.Layout) (fails []*Failure) {
+	seen := map[string]bool{}
+	fail := func(rule, format string, args ...any) {
+		if !seen[rule] {
+			seen[rule] = true
+			fails = append(fails, orderingFailure(rule, j, op, format, args...))
+		}
+	}
 	var live vfs.File
 	var liveSize int64
 	defer func() {
@@ -239,35 +241,41 @@ func (c *orderingChecker) checkPointers(prev *faultfs.Point, j int, op faultfs.O
 		if p.Kind == qcow.PtrL1Table || p.Kind == qcow.PtrRefcountTable || p.Kind == qcow.PtrSnapshotTable {
 			rule = RuleSwitch
 		}
+		if seen[rule] {
+			continue
+		}
 		what := fmt.Sprintf("%s at %#x points at %s %#x+%d (cluster %d)", holder(p), p.At, p.Kind, p.Off, p.Len, p.Off/pl.ClusterSize)
 		switch {
 		case p.Off < 0 || p.Off > qcow.MaxHostOffset || p.Off >= c.dSize:
-			return orderingFailure(rule, j, op, "%s, which lies beyond the durable end of the file (%d bytes)", what, c.dSize)
+			fail(rule, "%s, which lies beyond the durable end of the file (%d bytes)", what, c.dSize)
+			continue
 		case written(op, p.Off, p.Off+p.Len):
-			return orderingFailure(rule, j, op, "%s, which the same write writes: not durable before the pointer", what)
+			fail(rule, "%s, which the same write writes: not durable before the pointer", what)
+			continue
 		}
 		if live == nil {
 			st := prev.Sample(faultfs.Process, 0)
 			f, err := st.Open(c.name, vfs.ReadOnly)
 			if err != nil {
-				return nil
+				return fails
 			}
 			live = f
 			if liveSize, err = f.Size(); err != nil {
-				return nil
+				return fails
 			}
 		}
 		// A cluster at the end of the file may be partly beyond it (the
 		// rest reads as zeros): what the writer wrote must be durable.
 		end := min(p.Off+p.Len, max(liveSize, p.Off))
 		if end > c.dSize {
-			return orderingFailure(rule, j, op, "%s, whose bytes up to %#x are written but the durable file ends at %d bytes", what, end, c.dSize)
+			fail(rule, "%s, whose bytes up to %#x are written but the durable file ends at %d bytes", what, end, c.dSize)
+			continue
 		}
 		if at, ok := differs(c.dFile, live, p.Off, end-p.Off); ok {
-			return orderingFailure(rule, j, op, "%s, whose byte %#x is not durable (the durable bytes differ from those written)", what, at)
+			fail(rule, "%s, whose byte %#x is not durable (the durable bytes differ from those written)", what, at)
 		}
 	}
-	return nil
+	return fails
 }
 
 // holder names what holds a pointer of kind p.Kind.
@@ -309,8 +317,15 @@ func differs(a, b io.ReaderAt, off, n int64) (int64, bool) {
 }
 
 // checkRefcounts applies RuleRefcount, RuleFree and RuleRollbackOrder.
-func (c *orderingChecker) checkRefcounts(j int, op faultfs.Op, pl *qcow.Layout) *Failure {
-	pRefs := refsOf(pl)
+func (c *orderingChecker) checkRefcounts(j int, op faultfs.Op, pl *qcow.Layout) (fails []*Failure) {
+	seen := map[string]bool{}
+	fail := func(rule, format string, args ...any) {
+		if !seen[rule] {
+			seen[rule] = true
+			fails = append(fails, orderingFailure(rule, j, op, format, args...))
+		}
+	}
+	pRefs := pl.References()
 	clusters := make([]int64, 0, len(pRefs)+len(c.dRefs))
 	for k := range pRefs {
 		clusters = append(clusters, k)
@@ -326,10 +341,11 @@ func (c *orderingChecker) checkRefcounts(j int, op faultfs.Op, pl *qcow.Layout) 
 		rP, rD := pl.Refcount(k), c.dl.Refcount(k)
 		if nP > nD {
 			if rP < uint64(nP) {
-				return orderingFailure(RuleRefcount, j, op, "cluster %d (%#x) has %d references after it, %d durably before, but refcount %d", k, k*pl.ClusterSize, nP, nD, rP)
+				fail(RuleRefcount, "cluster %d (%#x) has %d references after it, %d durably before, but refcount %d", k, k*pl.ClusterSize, nP, nD, rP)
+				continue
 			}
 			if off, n, ok := pl.RefcountLocation(k); ok && rP != rD && written(op, off, off+n) {
-				return orderingFailure(RuleRefcount, j, op, "cluster %d (%#x) gets %d references and its refcount (%d, at %#x) in the same write", k, k*pl.ClusterSize, nP, rP, off)
+				fail(RuleRefcount, "cluster %d (%#x) gets %d references and its refcount (%d, at %#x) in the same write", k, k*pl.ClusterSize, nP, rP, off)
 			}
 			continue
 		}
@@ -338,10 +354,10 @@ func (c *orderingChecker) checkRefcounts(j int, op faultfs.Op, pl *qcow.Layout) 
 			if strings.HasPrefix(op.Label, "rollback") {
 				rule = RuleRollbackOrder
 			}
-			return orderingFailure(rule, j, op, "cluster %d (%#x) refcount lowered from %d to %d while %d durable references remain", k, k*pl.ClusterSize, rD, rP, nP)
+			fail(rule, "cluster %d (%#x) refcount lowered from %d to %d while %d durable references remain", k, k*pl.ClusterSize, rD, rP, nP)
 		}
 	}
-	return nil
+	return fails
 }
 
 // checkTruncate applies RuleTruncate.
@@ -396,11 +412,13 @@ func (o *overlay) ReadAt(p []byte, off int64) (int, error) {
 // ordering checks the ordering rules on the recorded workload: RunWith's
 // hook, run after the crash states passed.
 func (r *run) ordering(rec *faultfs.Recording, v *Verdict) *Failure {
-	f, n := checkOrdering(rec, imageName)
+	fails, n := CheckOrdering(rec, imageName, 1)
 	v.OrderingOps = n
-	if f != nil {
-		f.Op = r.inFlight(f.Point)
-		f.Detail = shorten(f.Detail, 600)
+	if len(fails) == 0 {
+		return nil
 	}
+	f := fails[0]
+	f.Op = r.inFlight(f.Point)
+	f.Detail = shorten(f.Detail, 600)
 	return f
 }

@@ -55,6 +55,10 @@ func (kvmtoolTarget) Explain(f *Failure) string {
 		return true
 	}
 	switch {
+	case f.Kind == KindOrdering && f.Rule == RuleContents:
+		return "kvmtool appends a new L2 table or data cluster with pwrite (and at best sync_file_range, which does not make the file's new size durable), then points an L1 or L2 entry at it with pwrite + sync_file_range: the pointer can be durable while what it points at is not. The ordering rules see it in the op log itself, even when no sampled crash state loses the target (under the process model none does)."
+	case f.Kind == KindOrdering && f.Rule == RuleRefcount:
+		return "kvmtool's QCOW2 writing never updated refcounts: every L1 or L2 entry it writes points at a cluster whose refcount is 0."
 	case f.Kind == KindErrors && has("L1 index out of the table"):
 		return "kvmtool computed the L1 table size by rounding down (size / (cluster_size * l2_entries)), so the last, partial L1 range of the disk has no L1 entry and writes there fail; below one L1 range nothing can be written. Not a crash bug."
 	case (f.Kind == KindCheck || f.Kind == KindOpen) && (has("L2 table", "beyond the end of the file") || has("l1_entry", "beyond the end of the file")):

@@ -291,7 +291,7 @@ func (lr *layoutReader) readV2() (*Layout, error) {
 	l1s := []l1Table{{PtrL1Table, 40, int64(h.l1Off), int64(h.l1Size)}}
 	lr.add(PtrL1Table, 40, int64(h.l1Off), int64(h.l1Size)*8, 1)
 	if h.nbSnapshots > 0 {
-		snaps, n := lr.snapshots(int64(h.snapOff), int64(h.nbSnapshots), h.version)
+		snaps, n := lr.snapshots(int64(h.snapOff), int64(h.nbSnapshots))
 		lr.add(PtrSnapshotTable, 64, int64(h.snapOff), n, 1)
 		for _, s := range snaps {
 			lr.add(PtrSnapshotL1, s.at, s.off, s.n*8, 1)
@@ -383,7 +383,7 @@ type layoutSnapL1 struct{ at, off, n int64 }
 // snapshots reads up to nb snapshot table entries at off (stopping at the
 // first that does not fit in the file or the limits) and returns their L1
 // tables and the bytes the entries read take.
-func (lr *layoutReader) snapshots(off, nb int64, version uint32) ([]layoutSnapL1, int64) {
+func (lr *layoutReader) snapshots(off, nb int64) ([]layoutSnapL1, int64) {
 	var out []layoutSnapL1
 	start := off
 	var fixed [snapshotFixedLen]byte
@@ -443,4 +443,23 @@ func (l *Layout) MetadataRanges() [][2]int64 {
 		out = append(out, r)
 	}
 	return out
+}
+
+// References counts the references to each host cluster inside the file
+// (a cluster beyond its end is not counted): the number a consistent
+// image's refcount of that cluster must reach. Each pointer counts Refs
+// times for every cluster its range covers; the header counts once.
+func (l *Layout) References() map[int64]int64 {
+	refs := map[int64]int64{}
+	cs := l.ClusterSize
+	last := (l.FileSize - 1) / cs
+	for _, p := range l.Pointers {
+		if p.Len <= 0 || p.Off < 0 || p.Off > MaxHostOffset {
+			continue
+		}
+		for k := p.Off / cs; k <= min((p.Off+p.Len-1)/cs, last); k++ {
+			refs[k] += p.Refs
+		}
+	}
+	return refs
 }

@@ -25,7 +25,7 @@ import (
 func init() {
 	register(&command{
 		name:    "soak",
-		args:    "[--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--steer] [--fs mem|os:DIR] [--out DIR] [--summary FILE] [--json] [-v]",
+		args:    "[--duration D] [--cases N] [--workers N] [--seed S] [--shard i/n] [--formats v1,v2,v3] [--models M,...] [--target T] [--errors] [--steer] [--max-states N] [--fs mem|os:DIR] [--out DIR] [--summary FILE] [--json] [-v]",
 		summary: "Run random crash-consistency cases until the duration ends, N cases ran or Ctrl-C; shrink every failure, print a summary, the coverage table (event × fault × outcome) and a repro command per failure; exit 1 if any case failed.",
 		flags: func(fs *flag.FlagSet) func(*cli, []string) int {
 			var o soakOptions
@@ -41,6 +41,7 @@ func init() {
 			fs.Var(&o.fs, "fs", "run the cases over `mem` (default) or real files through vfs.OS in temporary directories under DIR (os:DIR)")
 			fs.BoolVar(&o.steer, "steer", false, "bias case generation toward coverage cells (event × fault × outcome) not yet covered: each case is the most promising of several drawn from its seed, judged by the coverage of the cases before it (deterministic from --seed and --shard whatever --workers; every case still reproduces by its ID)")
 			fs.StringVar(&o.summary, "summary", "", "also write the summary as JSON (as --json prints it, with the coverage) to `FILE`, for crashtest merge")
+			fs.IntVar(&o.maxStates, "max-states", -1, maxStatesUsage)
 			fs.StringVar(&o.out, "out", "", "write every failure, shrunk, as a corpus entry (NAME.json) and a short report (NAME.txt) into `DIR`")
 			fs.IntVar(&o.shrinkRuns, "shrink-runs", 200, "shrink each failure with at most `N` candidate runs (0: do not shrink)")
 			fs.DurationVar(&o.progress, "progress", 5*time.Second, "on a terminal, a live progress line; otherwise print a progress line to stderr every `D` (0: never)")
@@ -55,6 +56,9 @@ func init() {
 				}
 				if o.cases < 0 || o.duration < 0 {
 					return c.usageError(commands["soak"], "--cases and --duration must not be negative")
+				}
+				if o.maxStates < -1 {
+					return c.usageError(commands["soak"], "--max-states %d: want -1 (no limit), 0 (ordering rules only) or a positive limit", o.maxStates)
 				}
 				if len(o.target) > 1 {
 					return c.usageError(commands["soak"], "--target takes one target")
@@ -72,6 +76,7 @@ func init() {
 type soakOptions struct {
 	duration, progress time.Duration
 	cases, workers     int
+	maxStates          int // --max-states: -1 no limit, 0 no crash states
 	seed               uint64
 	shard              shardFlag
 	formats, target    []string
@@ -145,7 +150,7 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 			return c.fail("soak: --out: %v", err)
 		}
 	}
-	runOpts := harness.Options{Dir: o.fs.dir}
+	runOpts := statesOptions(harness.Options{Dir: o.fs.dir}, o.maxStates)
 	runCtx := ctx
 	if o.duration > 0 {
 		var cancel context.CancelFunc
@@ -417,6 +422,9 @@ func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOpt
 	if o.fs.dir != "" {
 		sf.Repro += " --fs " + o.fs.String()
 	}
+	if o.maxStates >= 0 {
+		sf.Repro += fmt.Sprintf(" --max-states %d", o.maxStates)
+	}
 	best, bv := cs, v
 	if o.shrinkRuns > 0 {
 		res, err := harness.Shrink(cs, harness.ShrinkOptions{
@@ -428,6 +436,9 @@ func (c *cli) soakFailed(k uint64, cs harness.Case, v harness.Verdict, o soakOpt
 			best, bv = res.Case, res.Verdict
 			sf.ShrunkID, sf.ShrunkOps = best.ID(), res.After
 			sf.ShrunkRepro = "crashtest repro " + best.ID()
+			if o.maxStates >= 0 {
+				sf.ShrunkRepro += fmt.Sprintf(" --max-states %d", o.maxStates)
+			}
 		}
 	}
 	if o.out == "" {
@@ -509,4 +520,18 @@ func isTerminal(w io.Writer) bool {
 	}
 	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
 	return err == nil
+}
+
+// maxStatesUsage is the help of soak's and repro's --max-states.
+const maxStatesUsage = "check at most `N` crash states per case (-1: no limit; 0: none, only the ordering rules, which judge the op log itself)"
+
+// statesOptions sets o's crash-state limit from --max-states n.
+func statesOptions(o harness.Options, n int) harness.Options {
+	switch {
+	case n == 0:
+		o.NoStates = true
+	case n > 0:
+		o.MaxStates = n
+	}
+	return o
 }
