@@ -114,10 +114,11 @@ func (l *Layout) Refcount(c int64) uint64 {
 	}
 	off := int64(l.rt[i] & rtOffsetMask)
 	b := l.blocks[off]
-	if off == 0 || b == nil {
-		return 0
+	j := c & (1<<l.blockShift - 1)
+	if off == 0 || ((j+1)<<l.refOrder+7)/8 > int64(len(b)) {
+		return 0 // no block, or beyond the end of the file: zeros
 	}
-	return refcountAt(b, l.refOrder, c&(1<<l.blockShift-1))
+	return refcountAt(b, l.refOrder, j)
 }
 
 // RefcountLocation returns the byte range of the file that holds cluster
@@ -366,11 +367,12 @@ func (lr *layoutReader) readV2() (*Layout, error) {
 		if _, ok := l.blocks[off]; ok || off >= lr.size {
 			continue
 		}
-		if cs/8 > lr.budget {
+		n := min(cs, lr.size-off) // the rest of the block reads as zeros
+		if (n+7)/8 > lr.budget {
 			return nil, limitErr("refcount_block", int64(h.rtOff)+int64(i)*8, uint64(off), "exceeds what is left of the layout budget (%d entries)", lr.budget)
 		}
-		lr.budget -= cs / 8
-		b := make([]byte, cs)
+		lr.budget -= (n + 7) / 8
+		b := make([]byte, n)
 		lr.read(b, off)
 		l.blocks[off] = b
 	}
