@@ -195,8 +195,13 @@ func TestRunCoverage(t *testing.T) {
 			fails += c.Count
 		}
 	}
-	if n != int64(ex.Verdict.States) || fails != int64(len(ex.Failures)) || len(outcomes) < 2 {
-		t.Fatalf("explore: %d counted of %d states, %d failures counted of %d", n, ex.Verdict.States, fails, len(ex.Failures))
+	// An ordering failure (the op log's, listed last) is no state's.
+	nstate := len(ex.Failures)
+	if nstate > 0 && ex.Failures[nstate-1].Kind == KindOrdering {
+		nstate--
+	}
+	if n != int64(ex.Verdict.States) || fails != int64(nstate) || len(outcomes) < 2 {
+		t.Fatalf("explore: %d counted of %d states, %d failures counted of %d", n, ex.Verdict.States, fails, nstate)
 	}
 
 	// A case that fails before any state: one cell.

@@ -70,7 +70,9 @@ type Exploration struct {
 
 // Explore records the case's workload and checks its crash states point by
 // point, like Run, but reports every failure and the counts per crash
-// point, and can write every state out as image files.
+// point, and can write every state out as image files. Like Run, it then
+// checks the ordering rules (a failure of theirs is listed last, outside
+// Points).
 func Explore(c Case, o ExploreOptions) (*Exploration, error) {
 	ex := &Exploration{Verdict: Verdict{Case: c}, Failures: []*Failure{}}
 	r, ffs, cleanup, f := prepare(c, o.Options)
@@ -141,6 +143,16 @@ points:
 			}
 		}
 		ex.Points = append(ex.Points, pc)
+	}
+	// The ordering rules judge the op log, as Run does after the states
+	// (and, as Run, not after a failing state when stopping at one).
+	if !o.StopAtFailure || ex.Verdict.Failure == nil {
+		if f := r.ordering(rec, &ex.Verdict); f != nil {
+			ex.Failures = append(ex.Failures, f)
+			if ex.Verdict.Failure == nil {
+				ex.Verdict.Failure = f
+			}
+		}
 	}
 	ex.Verdict.OK = ex.Verdict.Failure == nil
 	ex.Verdict.Coverage = cov.finish(&ex.Verdict, r.tap.faults)
