@@ -418,7 +418,7 @@ func (r *run) ordering(rec *faultfs.Recording, v *Verdict) *Failure {
 		return nil
 	}
 	f := fails[0]
-	f.Op = r.inFlight(f.Point)
+	f.Op = r.inFlight(f.Point - 1) // the workload op that made file op Point-1
 	f.Detail = shorten(f.Detail, 600)
 	return f
 }

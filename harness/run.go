@@ -52,7 +52,8 @@ type Failure struct {
 	// allowed value, in hex: "byte J: got XX.. want YY..; ...".
 	Mismatch string `json:"mismatch,omitempty"`
 	// Rule names the broken ordering rule (kind "ordering", see
-	// OrderingRules); Point is then one past the file op that broke it.
+	// OrderingRules); Point is then one past the file op that broke it
+	// and Op the workload op that made that file op.
 	Rule string `json:"rule,omitempty"`
 }
 
