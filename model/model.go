@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 )
 
@@ -44,6 +45,7 @@ type Disk struct {
 	pages   map[int64]*sectorPage
 	count   int  // sectors ever written
 	crashed bool // a crash happened and Check has not yet adopted the result
+	sz      sizeState
 
 	// The page of the last lookup: accesses are mostly sequential.
 	lastIdx  int64
@@ -92,13 +94,18 @@ func (d *Disk) markDirty(st *sector) {
 
 // New returns a disk of size bytes whose initial contents are read from
 // base (or are zeros when base is nil). Reads of base beyond its end give
-// zeros. size need not be a multiple of SectorSize: the last sector is
-// partial.
+// zeros, and so do reads past size: a grow (Resize) shows zeros). size
+// need not be a multiple of SectorSize: the last sector is partial (and
+// the disk cannot be resized).
 func New(size int64, base io.ReaderAt) *Disk {
-	return &Disk{size: size, base: base, pages: map[int64]*sectorPage{}}
+	if base != nil {
+		base = io.NewSectionReader(base, 0, size)
+	}
+	return &Disk{size: size, base: base, pages: map[int64]*sectorPage{}, sz: sizeState{cur: []int64{size}, dur: []int64{size}}}
 }
 
-// Size returns the size of the disk in bytes.
+// Size returns the size of the disk in bytes: the largest it may have now
+// (see Sizes).
 func (d *Disk) Size() int64 { return d.size }
 
 // Crashed reports whether a crash was recorded and not yet resolved by a
@@ -246,6 +253,7 @@ func (d *Disk) Flush() {
 		st.dirty = false
 	}
 	d.dirty = d.dirty[:0]
+	d.sz.dur, d.sz.hist = slices.Clone(d.sz.cur), nil
 }
 
 // Crash records a crash: from now on each sector may hold its durable value
