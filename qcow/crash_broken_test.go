@@ -21,7 +21,14 @@ import (
 //     restore the in-memory tables;
 //   - sync-file-range-barrier: every fdatasync is replaced by
 //     sync_file_range over what was written since the last barrier, which
-//     makes the data durable but not the file size (a vfs.FS wrapper).
+//     makes the data durable but not the file size (a vfs.FS wrapper);
+//   - resize-not-durable: Resize leaves the new size in memory until the
+//     next flush, although it is documented durable on return: a crash
+//     after it returned keeps the old size (the size verdict).
+//
+// The snapshot-in-place bug (guest data written in place into a cluster
+// shared with an internal snapshot) is caught by the harness in
+// TestCrashHarnessCatchesBrokenWriters.
 func TestCrashCatchesBrokenWriters(t *testing.T) {
 	var newL2 exWorkload // new-l2, v3, 512-byte clusters
 	for _, w := range exWorkloads() {
@@ -50,6 +57,9 @@ func TestCrashCatchesBrokenWriters(t *testing.T) {
 				{kind: "write", off: 8192 + 10, n: 600, seed: 3},
 				{kind: "flush"},
 			}}, bugRollbackKeepsMem)
+		}},
+		{"resize-not-durable", func(t *testing.T) error {
+			return wtCrashRun(t, CreateOptions{ClusterSize: 512, RefcountBits: 64}, false, 6, bugResizeNotDurable)
 		}},
 		{"sync-file-range-barrier", func(t *testing.T) error {
 			_, err := exRun(t, newL2, limit, 0, func(fsys vfs.FS) vfs.FS { return &syncRangeFS{FS: fsys} })

@@ -1416,7 +1416,7 @@ func TestCrashMutantRaw(t *testing.T) {
 			}
 			return m
 		}
-		m := phase1(model.New(2*size, nil))
+		m := phase1(model.New(size, nil))
 		if _, err := im.WriteAt(data[:300<<10], 1000); err != nil {
 			t.Fatal(err)
 		}
@@ -1433,9 +1433,9 @@ func TestCrashMutantRaw(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		mc := phase1(model.New(2*size, nil))
+		mc := phase1(model.New(size, nil))
 		mc.Crash()
-		if err := mc.Check(wtSizedReader{r}); err != nil {
+		if err := wtCheckImage(mc, r); err != nil {
 			t.Fatalf("wt=%v: crash before Flush: %v", through, err)
 		}
 		r.Close()
@@ -1446,6 +1446,7 @@ func TestCrashMutantRaw(t *testing.T) {
 		if err := im.Resize(2 * size); err != nil {
 			t.Fatal(err)
 		}
+		m.Resize(2*size, true)
 		if im.Size() != 2*size {
 			t.Fatalf("wt=%v: size %d after growing to %d", through, im.Size(), 2*size)
 		}
@@ -1465,7 +1466,7 @@ func TestCrashMutantRaw(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := m.Check(wtSizedReader{r}); err != nil || r.Size() != 2*size {
+		if err := wtCheckImage(m, r); err != nil || r.Size() != 2*size {
 			t.Fatalf("wt=%v: after Close and a crash: size %d, %v", through, r.Size(), err)
 		}
 		r.Close()

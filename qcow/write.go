@@ -167,6 +167,8 @@ const (
 	bugNoDataBarrier    writerBugs = 1 << iota // drop the stage-1 barrier: pointers may reach the disk before data
 	bugNoRefcountUpdate                        // never write refcount increments to existing blocks
 	bugRollbackKeepsMem                        // rollback forgets to restore the in-memory tables
+	bugSnapshotInPlace                         // write guest data in place into a cluster shared with a snapshot (COPIED ignored)
+	bugResizeNotDurable                        // Resize leaves the new size in memory until the next flush
 )
 
 // dirtyTable is an L2 table changed since the last flush.
@@ -991,7 +993,7 @@ func (im *Image) Resize(newSize int64) error {
 	if err := w.flush(); err != nil {
 		return err
 	}
-	if err := w.op(true, func() error { return w.grow(newSize) }); err != nil {
+	if err := w.op(w.bugs&bugResizeNotDurable == 0, func() error { return w.grow(newSize) }); err != nil {
 		return err
 	}
 	if b := im.backing; b != nil && b.Size() > old {
@@ -1247,7 +1249,7 @@ func (w *writer) writeCluster(vcl, in int64, data []byte) error {
 	if err != nil {
 		return err
 	}
-	if x.kind == extentData && (w.v1 || e&flagCopied != 0) {
+	if x.kind == extentData && (w.v1 || e&flagCopied != 0 || w.bugs&bugSnapshotInPlace != 0) {
 		if err := w.checkOverlap(x.host, toff, l2i); err != nil {
 			return err
 		}

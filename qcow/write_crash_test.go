@@ -2,6 +2,7 @@ package qcow
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"testing"
 
@@ -34,12 +35,16 @@ func TestWriteCrashStates(t *testing.T) {
 		name := fmt.Sprintf("%s-through=%v", wtName(c.o), c.through)
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			wtCrashRun(t, c.o, c.through, perPoint)
+			if err := wtCrashRun(t, c.o, c.through, perPoint, 0); err != nil {
+				t.Fatal(err)
+			}
 		})
 	}
 }
 
-func wtCrashRun(t *testing.T, o CreateOptions, through bool, perPoint int) {
+// wtCrashRun runs the workload (with the deliberate bugs) and returns the
+// first crash state that fails a verdict.
+func wtCrashRun(t *testing.T, o CreateOptions, through bool, perPoint int, bugs writerBugs) error {
 	const size = 160 << 10
 	mem := vfs.NewMem()
 	o.Size = size
@@ -51,6 +56,7 @@ func wtCrashRun(t *testing.T, o CreateOptions, through bool, perPoint int) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	im.w.bugs = bugs
 	cs := im.ClusterSize()
 	ops := []wtOp{
 		{kind: "write", off: 0, n: cs, fill: 1},
@@ -68,7 +74,7 @@ func wtCrashRun(t *testing.T, o CreateOptions, through bool, perPoint int) {
 	}
 	// ends[i] is the log length when op i returned.
 	ends := make([]int, len(ops))
-	shadow := model.New(2*size, nil)
+	shadow := model.New(size, nil)
 	for i, op := range ops {
 		if err := wtApplyOp(im, shadow, op); err != nil {
 			t.Fatalf("op %d: %v", i, err)
@@ -83,7 +89,7 @@ func wtCrashRun(t *testing.T, o CreateOptions, through bool, perPoint int) {
 	// modelAt replays into a fresh model the ops completed before log
 	// position n; the op in flight at n counts as failed (old or new).
 	modelAt := func(n int) *model.Disk {
-		m := model.New(2*size, nil)
+		m := model.New(size, nil)
 		for i, op := range ops {
 			if ends[i] <= n {
 				switch op.kind {
@@ -93,6 +99,8 @@ func wtCrashRun(t *testing.T, o CreateOptions, through bool, perPoint int) {
 					m.WriteZeroes(op.off, op.n)
 				case "flush":
 					m.Flush()
+				case "resize":
+					m.Resize(op.n, true) // durable on return
 				}
 				if through {
 					m.Flush() // durable on return
@@ -104,6 +112,8 @@ func wtCrashRun(t *testing.T, o CreateOptions, through bool, perPoint int) {
 				m.FailedWrite(wtFill(op.n, op.fill), op.off)
 			case "zero":
 				m.FailedWriteZeroes(op.off, op.n)
+			case "resize":
+				m.FailedResize(op.n)
 			}
 			break
 		}
@@ -117,26 +127,31 @@ func wtCrashRun(t *testing.T, o CreateOptions, through bool, perPoint int) {
 			what := fmt.Sprintf("crash after op %d of %d (%s)", p.Ops(), rec.Len(), s)
 			res, err := CheckFile(s, "img", "")
 			if err != nil {
-				t.Fatalf("%s: check: %v", what, err)
+				return verdictf("check", "%s: check: %v", what, err)
 			}
 			if res.Corruptions > 0 {
-				t.Fatalf("%s: %d corruptions: %+v", what, res.Corruptions, res.Findings)
+				return verdictf("check", "%s: %d corruptions: %+v", what, res.Corruptions, res.Findings)
 			}
 			im, err := Open(s, "img", nil)
 			if err != nil {
-				t.Fatalf("%s: open: %v", what, err)
+				return verdictf("open", "%s: open: %v", what, err)
 			}
-			if err := modelAt(p.Ops()).Check(wtSizedReader{im}); err != nil {
-				im.Close()
-				t.Fatalf("%s: content: %v", what, err)
-			}
+			err = wtCheckImage(modelAt(p.Ops()), im)
 			im.Close()
+			var se *model.SizeError
+			switch {
+			case errors.As(err, &se):
+				return verdictf("size", "%s: %v", what, err)
+			case err != nil:
+				return verdictf("content", "%s: %v", what, err)
+			}
 		}
 	}
 	t.Logf("%d crash states checked over %d file operations", states, rec.Len())
 	if states < 50 {
 		t.Fatalf("only %d crash states", states)
 	}
+	return nil
 }
 
 // TestCreateCrashStates crashes Create (over faultfs, which has no

@@ -50,26 +50,31 @@ func wtFailWorkload(size, cs, long int64) []wtOp {
 	}
 }
 
-// wtSizedReader reads an image and returns zeros beyond its end, so the
-// model (sized for the grown disk) can check it before a resize.
+// wtSizedReader reads an image for the model. A read past the image's
+// virtual size is an error naming both sizes, never zeros: a model of
+// another size than the image is a size verdict, not a content pass.
 type wtSizedReader struct{ im *Image }
 
 func (r wtSizedReader) ReadAt(p []byte, off int64) (int, error) {
-	n, err := r.im.ReadAt(p, off)
-	if errors.Is(err, io.EOF) || (err == nil && n < len(p)) {
-		clear(p[n:])
-		return len(p), nil
+	if size := r.im.Size(); off+int64(len(p)) > size {
+		return 0, fmt.Errorf("read %d bytes at %d past the virtual size %d of the image", len(p), off, size)
 	}
-	return n, err
+	return r.im.ReadAt(p, off)
 }
 
-// BlockStatus passes the image's zero ranges on to the model, and reports
-// the range beyond the image's end as zeros.
+// BlockStatus passes the image's zero ranges on to the model.
 func (r wtSizedReader) BlockStatus(off, n int64) (int64, bool, error) {
-	if size := r.im.Size(); off < size {
-		return r.im.BlockStatus(off, min(n, size-off))
+	return r.im.BlockStatus(off, n)
+}
+
+// wtCheckImage judges an open image against the model: first its virtual
+// size (old or new while a resize is not durable, new once it is), which
+// the model then adopts, then every sector up to that size.
+func wtCheckImage(m *model.Disk, im *Image) error {
+	if err := m.CheckSize(im.Size()); err != nil {
+		return err
 	}
-	return n, true, nil
+	return m.Check(im)
 }
 
 // wtApplyOp applies op to im and the model; a failed op is recorded as
@@ -99,8 +104,10 @@ func wtApplyOp(im *Image, m *model.Disk, op wtOp) error {
 		m.Flush()
 	case "resize":
 		if err := im.Resize(op.n); err != nil {
+			m.FailedResize(op.n)
 			return err
 		}
+		m.Resize(op.n, true) // durable on return, whatever the cache mode
 	}
 	return nil
 }
@@ -187,7 +194,7 @@ func wtFailRun(t *testing.T, o CreateOptions, through bool, size, long int64, ki
 		}
 		mem := base.Clone()
 		ffs := &wtFailFS{FS: mem, failAt: k, err: inj, short: kind == "short"}
-		m := model.New(size+size/4, bytes.NewReader(initial))
+		m := model.New(size, bytes.NewReader(initial))
 		im, err := Open(ffs, "img", opts)
 		if err != nil {
 			t.Fatal(err)
@@ -293,7 +300,7 @@ func wtVerify(t *testing.T, mem vfs.FS, m *model.Disk, leaksOK bool, what string
 		t.Fatalf("%s: reopen: %v", what, err)
 	}
 	defer im.Close()
-	if err := m.Check(wtSizedReader{im}); err != nil {
+	if err := wtCheckImage(m, im); err != nil {
 		t.Fatalf("%s: content: %v", what, err)
 	}
 }
