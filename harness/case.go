@@ -69,9 +69,13 @@ type Case struct {
 	// crash-checked. Trace cases only.
 	Setup string `json:"-"`
 	// Image names a recipe for the image the workload starts from instead
-	// of a fresh qcow.Create (trace cases only): ImageQemuCompressed. Empty:
-	// a fresh image.
+	// of a fresh qcow.Create: ImageQemuCompressed (trace cases only) or
+	// ImageQemuSnapshot. Empty: a fresh image.
 	Image string `json:"image,omitempty"`
+	// Grow lets a seed-generated case's workload resize (grow) the disk
+	// (see Workload); only for targets that resize (see Resizer). Trace
+	// cases hold their resize ops in Trace.
+	Grow bool `json:"grow,omitempty"`
 	// Faults is the fault plan: a faultfs injector in its DSL (see
 	// faultfs.ParseInjector), consulted before every file operation of the
 	// recorded workload. Empty: no faults.
@@ -152,14 +156,14 @@ func (c *Case) UnmarshalJSON(b []byte) error {
 }
 
 // WithTrace returns c as a trace case whose workload is ops (then a
-// close, which ops must not hold). Kinds other than write, zero and flush
-// are reported by Validate.
+// close, which ops must not hold). Kinds other than write, zero, flush and
+// resize are reported by Validate.
 func (c Case) WithTrace(ops []Op) Case {
 	enc, err := EncodeOps(ops)
 	if err != nil {
 		enc = "!" + err.Error() // Validate reports it
 	}
-	c.Explicit, c.Trace, c.Ops = true, enc, len(ops)
+	c.Explicit, c.Trace, c.Ops, c.Grow = true, enc, len(ops), false
 	return c
 }
 
@@ -176,7 +180,7 @@ func (c Case) AsTrace() Case {
 // ID returns the case's one-line ID, which ParseID reads back. A
 // seed-generated case:
 //
-//	c1:FORMAT:cs=N:sz=N:b=0|1:m=MODEL:wt=0|1:ops=N:spp=N:t=TARGET:seed=0xHEX[:f=FAULTS]
+//	c1:FORMAT:cs=N:sz=N:b=0|1:m=MODEL:wt=0|1:ops=N:spp=N:t=TARGET:seed=0xHEX[:img=RECIPE][:grow=1][:f=FAULTS]
 //
 // and a trace case, whose ops field holds the ops themselves (EncodeOps)
 // and which may carry setup ops:
@@ -185,7 +189,9 @@ func (c Case) AsTrace() Case {
 //
 // FAULTS is the fault plan's DSL text in unpadded base64url, present only
 // with a fault plan, so the IDs of cases without faults are exactly what
-// they were before fault plans existed. An ID holds no spaces or shell
+// they were before fault plans existed; likewise img (an image recipe)
+// and grow=1 (Case.Grow) appear only when set, so an older ID parses to
+// the case it always meant. An ID holds no spaces or shell
 // metacharacters, so it can be pasted after `crashtest repro`.
 func (c Case) ID() string {
 	ops := strconv.Itoa(c.Ops)
@@ -198,8 +204,11 @@ func (c Case) ID() string {
 	if c.Explicit && c.Setup != "" {
 		id += ":pre=" + c.Setup
 	}
-	if c.Explicit && c.Image != "" {
+	if c.Image != "" {
 		id += ":img=" + c.Image
+	}
+	if c.Grow && !c.Explicit {
+		id += ":grow=1"
 	}
 	if c.Faults != "" {
 		id += ":f=" + base64.RawURLEncoding.EncodeToString([]byte(c.Faults))
@@ -266,11 +275,15 @@ func ParseID(id string) (Case, error) {
 				c.Setup = v
 			}
 		case "img":
-			if !c.Explicit {
-				err = fmt.Errorf("only %s IDs have an image recipe", TraceIDVersion)
+			c.Image = v
+		case "grow":
+			if c.Explicit {
+				err = fmt.Errorf("only %s IDs have grow (a trace lists its resizes)", IDVersion)
 				break
 			}
-			c.Image = v
+			if c.Grow, err = parseBit(v); err == nil && !c.Grow {
+				err = errors.New("want 1 (omit the field for 0)")
+			}
 		case "f":
 			var b []byte
 			if b, err = base64.RawURLEncoding.DecodeString(v); err == nil {
@@ -352,13 +365,26 @@ func (c Case) Validate() error {
 		if len(setup) > MaxOps {
 			return bad("%d setup ops (want at most %d)", len(setup), MaxOps)
 		}
-		for _, o := range append(setup, ops...) {
-			if (o.Kind == OpWrite || o.Kind == OpZero) && o.Off+o.Len > c.Size {
-				return bad("op %s ends beyond the %d-byte disk", o, c.Size)
+		size := c.Size
+		for i, o := range append(setup, ops...) {
+			switch {
+			case (o.Kind == OpWrite || o.Kind == OpZero) && o.Off+o.Len > size:
+				return bad("op %s ends beyond the %d-byte disk", o, size)
+			case o.Kind == OpResize && i < len(setup):
+				return bad("op %s: setup ops cannot resize", o)
+			case o.Kind == OpResize && (o.Size < size || o.Size%512 != 0):
+				return bad("op %s: want a grow from %d bytes to a multiple of 512", o, size)
+			case o.Kind == OpResize && !targetResizes(c.Target):
+				return bad("op %s: target %q cannot resize", o, c.Target)
+			case o.Kind == OpResize:
+				size = o.Size
 			}
 		}
-	} else if c.Trace != "" || c.Setup != "" || c.Image != "" {
-		return bad("trace, setup ops or image recipe in a seed-generated case")
+	} else if c.Trace != "" || c.Setup != "" || (c.Image != "" && c.Image != ImageQemuSnapshot) {
+		return bad("trace, setup ops or image recipe %q in a seed-generated case", c.Image)
+	}
+	if c.Grow && !targetResizes(c.Target) {
+		return bad("grow: target %q cannot resize", c.Target)
 	}
 	if c.Image != "" {
 		if err := c.validImage(); err != nil {

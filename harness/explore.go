@@ -328,13 +328,17 @@ func Inspect(c Case, f *Failure) (*Inspection, error) {
 		return in, nil
 	}
 	defer im.Close()
-	disk := make([]byte, c.Size)
+	disk := make([]byte, im.Size())
 	if _, err := im.ReadAt(disk, 0); err != nil && !errors.Is(err, io.EOF) {
 		return in, nil
 	}
 	for len(in.Sectors) < 4 {
 		var me *model.MismatchError
-		if err := r.modelAt(f.Point, false).Check(bytes.NewReader(disk)); !errors.As(err, &me) || len(me.Allowed) == 0 {
+		m := r.modelAt(f.Point, false)
+		if err := m.CheckSize(im.Size()); err != nil {
+			break
+		}
+		if err := m.Check(bytes.NewReader(disk)); !errors.As(err, &me) || len(me.Allowed) == 0 {
 			break
 		}
 		in.Sectors = append(in.Sectors, SectorDiff{Sector: me.Sector, Got: bytes.Clone(me.Got), Want: bytes.Clone(me.Allowed[0])})

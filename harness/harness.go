@@ -12,6 +12,11 @@
 // "backing", "states", "usability"), so adding a new named part never
 // changes what an old seed does.
 //
+// A seed-generated case may grow the disk (Case.Grow: resize ops drawn
+// from their own sub-seed) and may start from a qemu-made image with
+// internal snapshots (Case.Image, ImageQemuSnapshot); both are new fields
+// of the ID, absent when unset, so older IDs keep their meaning.
+//
 // A Case has a one-line, versioned ID (see Case.ID and ParseID), e.g.
 //
 //	c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=40:spp=8:t=qcow:seed=0x1234
@@ -20,7 +25,7 @@
 //
 // A trace case (Case.Explicit, made by WithTrace or AsTrace) carries its
 // workload as an explicit op list instead of drawing it from the seed: its
-// ID has version c2 and lists the ops ("w0+512.1,f,z300+100"), and its
+// ID has version c2 and lists the ops ("w0+512.1,f,z300+100,r1048576"), and its
 // JSON form holds them. Trace cases are what Shrink produces and what the
 // corpus stores (Entry, SaveEntry, LoadCorpus), so they keep their meaning
 // when workload generation changes. A case may also carry a fault plan
@@ -70,11 +75,20 @@
 //   - "check": the image structure is corrupt (qcow.CheckFile reports
 //     corruptions; leaked clusters are allowed after a crash) or cannot be
 //     checked.
+//   - "size": the image's virtual size is not one the model allows: the
+//     size before a resize that is in flight or failed, or after it; once
+//     a Resize has returned, only the new one (Resize is durable on
+//     return). Detail says when a non-durable resize would explain it.
 //   - "durability": a sector lost a value that a completed Flush (or Close,
 //     or a write-through write) had made durable: the state would pass if
 //     no flush had been acknowledged.
 //   - "content": a sector holds a value the model never allows (neither its
 //     durable value nor any value written since).
+//   - "snapshot": the image's internal snapshots (ImageQemuSnapshot cases)
+//     are not exactly those it started with, or a snapshot's view, read
+//     through qcow.Image.SnapshotView, differs by a byte from its frozen
+//     view (model.Snapshots), here or after the usability write. No
+//     write, flush, resize, failure or crash may change a snapshot.
 //   - "usability": the recovered image does not accept a new write, flush
 //     it and read it back (with every other sector unchanged), or is
 //     corrupt after doing so.
@@ -143,6 +157,11 @@ type Space struct {
 	// Errors gives every case a fault plan drawn from its seed (see
 	// FaultPlan), so the errors verdict is exercised too.
 	Errors bool
+	// Qemu lets Generate give a v2 or v3 case without a backing file an
+	// image qemu made with internal snapshots (ImageQemuSnapshot), which
+	// needs qemu-img and qemu-io when the case runs. soak sets it when
+	// qemu-img is on the PATH.
+	Qemu bool
 }
 
 // FaultPlan draws a fault plan from seed (through its "faults" sub-seed):
@@ -241,6 +260,15 @@ func Generate(seed uint64, sp Space) Case {
 	c.ClusterSize = sizes[r.IntN(len(sizes))]
 	// 32 KiB .. 512 KiB, a multiple of 512, not always of the cluster size.
 	c.Size = int64(64+r.IntN(961)) * 512
+	// Later additions draw from their own sub-seed, so that every field
+	// above stays what it was for the same seed.
+	x := faultfs.SubSeed(seed, "case/ext")
+	rx := rand.New(rand.NewPCG(x, faultfs.SubSeed(x, "pcg")))
+	grow, snap := rx.IntN(4) == 0, rx.IntN(4) == 0
+	c.Grow = grow && targetResizes(target)
+	if snap && sp.Qemu && c.Format != "v1" && !c.Backing {
+		c.Image = ImageQemuSnapshot
+	}
 	return c
 }
 

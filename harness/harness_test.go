@@ -117,7 +117,7 @@ func TestParseIDErrors(t *testing.T) {
 		{"c2:v3:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=w4000+512.1:spp=8:t=qcow:seed=1", "beyond"},
 		{"c2:v3:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=f:spp=8:t=qcow:seed=1:pre=w0+0.1", "want wOFF+LEN"},
 		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:pre=f", "only c2"},
-		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:img=qemu-compressed", "only c2"},
+		{"c1:v3:cs=4096:sz=262144:b=0:m=torn:wt=0:ops=4:spp=8:t=qcow:seed=1:img=qemu-compressed", "seed-generated"},
 		{"c2:v3:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=f:spp=8:t=qcow:seed=1:img=cloud", "image recipe"},
 		{"c2:v1:cs=4096:sz=4096:b=0:m=torn:wt=0:ops=f:spp=8:t=qcow:seed=1:img=qemu-compressed", "v2 or v3"},
 		{"c2:v3:cs=4096:sz=4096:b=1:m=torn:wt=0:ops=f:spp=8:t=qcow:seed=1:img=qemu-compressed", "without a backing"},
@@ -164,13 +164,20 @@ func TestWorkload(t *testing.T) {
 		if len(w) != c.Ops+1 || w[len(w)-1].Kind != OpClose {
 			t.Fatalf("%s: %d ops ending in %v, want %d ending in close", c.ID(), len(w), w[len(w)-1], c.Ops+1)
 		}
+		size := c.Size
 		for _, op := range w {
 			kinds[op.Kind]++
 			shapes[string(op.Kind)+"/"+op.Shape]++
 			if op.Kind == OpWrite || op.Kind == OpZero {
-				if op.Off < 0 || op.Len < 1 || op.Off+op.Len > c.Size {
-					t.Fatalf("%s: %v outside the %d-byte disk", c.ID(), op, c.Size)
+				if op.Off < 0 || op.Len < 1 || op.Off+op.Len > size {
+					t.Fatalf("%s: %v outside the %d-byte disk", c.ID(), op, size)
 				}
+			}
+			if op.Kind == OpResize {
+				if !c.Grow || op.Size <= size || op.Size%512 != 0 || op.Size > min(MaxSize, 4*c.Size) {
+					t.Fatalf("%s: %v from %d bytes (grow=%v)", c.ID(), op, size, c.Grow)
+				}
+				size = op.Size
 			}
 			if op.Kind == OpWrite && int64(len(op.Data())) != op.Len {
 				t.Fatalf("%s: %v has %d data bytes", c.ID(), op, len(op.Data()))
@@ -182,7 +189,7 @@ func TestWorkload(t *testing.T) {
 			t.Fatalf("%s: seed+1 gives the same workload", c.ID())
 		}
 	}
-	for _, s := range []string{"write/sub-sector", "write/unaligned", "write/straddle", "write/aligned", "write/large", "zero/cluster", "zero/unaligned", "flush/"} {
+	for _, s := range []string{"write/sub-sector", "write/unaligned", "write/straddle", "write/aligned", "write/large", "zero/cluster", "zero/unaligned", "flush/", "resize/"} {
 		if shapes[s] == 0 {
 			t.Errorf("no %s op in 50 workloads: %v", s, shapes)
 		}

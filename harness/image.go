@@ -28,17 +28,19 @@ var ErrNoQemuImg = errors.New("harness: the image recipe needs qemu-img, which i
 // validImage reports whether the case's image recipe fits the case.
 func (c Case) validImage() error {
 	switch c.Image {
-	case ImageQemuCompressed:
+	case ImageQemuCompressed, ImageQemuSnapshot:
 		if c.Format == "v1" || c.Backing {
 			return fmt.Errorf("image %s: want format v2 or v3 without a backing file", c.Image)
 		}
 		return nil
 	}
-	return fmt.Errorf("image recipe %q (want %s)", c.Image, ImageQemuCompressed)
+	return fmt.Errorf("image recipe %q (want %s or %s)", c.Image, ImageQemuCompressed, ImageQemuSnapshot)
 }
 
 // NeedsQemuImg reports whether running the case needs qemu-img.
-func (c Case) NeedsQemuImg() bool { return c.Image == ImageQemuCompressed }
+func (c Case) NeedsQemuImg() bool {
+	return c.Image == ImageQemuCompressed || c.Image == ImageQemuSnapshot
+}
 
 // compressedRaw returns the disk contents of ImageQemuCompressed.
 func (c Case) compressedRaw() []byte {
@@ -55,6 +57,9 @@ func (r *run) buildImage(mem vfs.FS) error {
 	qimg, err := exec.LookPath("qemu-img")
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrNoQemuImg, err)
+	}
+	if r.c.Image == ImageQemuSnapshot {
+		return r.buildSnapshotImage(mem, qimg)
 	}
 	dir, err := os.MkdirTemp("", "qcowcrash-image-")
 	if err != nil {
@@ -79,6 +84,15 @@ func (r *run) buildImage(mem vfs.FS) error {
 	if err != nil {
 		return fmt.Errorf("image recipe: %w", err)
 	}
+	if err := installImage(mem, b); err != nil {
+		return err
+	}
+	r.base = raw
+	return nil
+}
+
+// installImage writes b to mem as imageName, durably.
+func installImage(mem vfs.FS, b []byte) error {
 	f, err := mem.Create(imageName)
 	if err != nil {
 		return fmt.Errorf("image recipe: %w", err)
@@ -96,6 +110,5 @@ func (r *run) buildImage(mem vfs.FS) error {
 	if err != nil {
 		return fmt.Errorf("image recipe: %w", err)
 	}
-	r.base = raw
 	return nil
 }

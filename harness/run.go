@@ -24,6 +24,8 @@ const (
 	KindDurability = "durability"
 	KindContent    = "content"
 	KindUsability  = "usability"
+	KindSize       = "size"
+	KindSnapshot   = "snapshot"
 	KindSetup      = "setup"
 	KindPanic      = "panic"
 )
@@ -101,11 +103,12 @@ const (
 type run struct {
 	c      Case
 	ops    []Op
-	data   [][]byte // data[i] is ops[i].Data()
-	starts []int    // starts[i]: faultfs log length when ops[i] began
-	ends   []int    // ends[i]: faultfs log length when ops[i] returned
-	failed []bool   // failed[i]: ops[i] returned an error (faults injected)
-	base   []byte   // the disk's contents before the workload, nil for zeros
+	data   [][]byte         // data[i] is ops[i].Data()
+	starts []int            // starts[i]: faultfs log length when ops[i] began
+	ends   []int            // ends[i]: faultfs log length when ops[i] returned
+	failed []bool           // failed[i]: ops[i] returned an error (faults injected)
+	base   []byte           // the disk's contents before the workload, nil for zeros
+	snaps  *model.Snapshots // the internal snapshots' frozen views, nil for none
 	tap    *tap
 }
 
@@ -502,6 +505,8 @@ func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
 			err = im.WriteZeroes(op.Off, op.Len)
 		case OpFlush:
 			err = im.Flush()
+		case OpResize:
+			err = resize(im, op.Size)
 		case OpClose:
 			err = im.Close()
 			closed = true
@@ -566,6 +571,8 @@ func (r *run) modelAt(n int, noFlush bool) *model.Disk {
 				m.FailedWrite(r.data[i], op.Off)
 			case OpZero:
 				m.FailedWriteZeroes(op.Off, op.Len)
+			case OpResize:
+				m.FailedResize(op.Size)
 			}
 			continue
 		case r.ends[i] <= n: // completed
@@ -576,6 +583,8 @@ func (r *run) modelAt(n int, noFlush bool) *model.Disk {
 				m.WriteZeroes(op.Off, op.Len)
 			case OpFlush, OpClose:
 				flush()
+			case OpResize:
+				m.Resize(op.Size, !noFlush) // durable on return
 			}
 			if r.c.WriteThrough && (op.Kind == OpWrite || op.Kind == OpZero) {
 				flush()
@@ -587,6 +596,8 @@ func (r *run) modelAt(n int, noFlush bool) *model.Disk {
 				m.FailedWrite(r.data[i], op.Off)
 			case OpZero:
 				m.FailedWriteZeroes(op.Off, op.Len)
+			case OpResize:
+				m.FailedResize(op.Size)
 			}
 		}
 		break
@@ -617,22 +628,33 @@ func (r *run) checkState(n int, s *faultfs.State) (f *Failure) {
 		return &Failure{Kind: KindCheck, Sector: -1, Detail: checkDetail(res)}
 	}
 	m := r.modelAt(n, false)
+	if f := r.checkSize(n, m, im); f != nil {
+		im.Close()
+		return f
+	}
 	err = m.Check(im)
 	if err != nil {
 		f := &Failure{Kind: KindContent, Detail: err.Error(), Sector: -1}
 		var me *model.MismatchError
 		if errors.As(err, &me) {
 			f.Sector, f.Mismatch = me.Sector, mismatch(me)
-			if r.modelAt(n, true).Check(im) == nil {
+			if mn := r.modelAt(n, true); mn.CheckSize(im.Size()) == nil && mn.Check(im) == nil {
 				f.Kind = KindDurability
 			}
 		}
 		im.Close()
 		return f
 	}
+	if err := r.checkSnapshots(im); err != nil {
+		im.Close()
+		return &Failure{Kind: KindSnapshot, Sector: -1, Detail: err.Error()}
+	}
 	im.Close()
 	// m now holds what the recovered image holds.
 	if err := r.usable(s, m, n); err != nil {
+		if errors.Is(err, model.ErrSnapshot) {
+			return &Failure{Kind: KindSnapshot, Sector: -1, Detail: "after the usability write: " + err.Error()}
+		}
 		return &Failure{Kind: KindUsability, Sector: -1, Detail: err.Error()}
 	}
 	return nil
@@ -643,8 +665,9 @@ func (r *run) checkState(n int, s *faultfs.State) (f *Failure) {
 // write) says and that the image is still free of corruption.
 func (r *run) usable(s *faultfs.State, m *model.Disk, n int) error {
 	seed := faultfs.SubSeed(r.c.Seed, fmt.Sprintf("usability/%d/%d", n, s.Index()))
-	off := int64(seed % uint64(r.c.Size))
-	ln := min(r.c.Size-off, r.c.ClusterSize+int64(seed>>40)%r.c.ClusterSize+1)
+	size := m.Size() // the recovered image's, adopted by the content check
+	off := int64(seed % uint64(size))
+	ln := min(size-off, r.c.ClusterSize+int64(seed>>40)%r.c.ClusterSize+1)
 	p := Pattern(seed, ln)
 	im, err := qcow.Open(s, imageName, &qcow.Options{ReadWrite: true})
 	if err != nil {
@@ -678,7 +701,13 @@ func (r *run) usable(s *faultfs.State, m *model.Disk, n int) error {
 		return fmt.Errorf("open after write: %w", err)
 	}
 	defer im.Close()
+	if err := m.CheckSize(im.Size()); err != nil {
+		return fmt.Errorf("after writing %d bytes at %d: %w", ln, off, err)
+	}
 	if err := m.Check(im); err != nil {
+		return fmt.Errorf("after writing %d bytes at %d: %w", ln, off, err)
+	}
+	if err := r.checkSnapshots(im); err != nil {
 		return fmt.Errorf("after writing %d bytes at %d: %w", ln, off, err)
 	}
 	res, err := qcow.CheckFile(s, imageName, "")

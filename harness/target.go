@@ -19,6 +19,27 @@ type Writer interface {
 	Close() error
 }
 
+// Resizer is implemented by Writers that can grow the virtual disk (as
+// *qcow.Image does): Resize has the meaning of qcow's Image.Resize, durable
+// on return. The harness checks for it by type assertion; a target whose
+// writers implement it says so with ResizeTarget, and only such targets
+// get resize ops.
+type Resizer interface {
+	Resize(newSize int64) error
+}
+
+// ResizeTarget is implemented by targets whose writers are Resizers when
+// Resizes returns true.
+type ResizeTarget interface {
+	Resizes() bool
+}
+
+// targetResizes reports whether the target named name resizes.
+func targetResizes(name string) bool {
+	rt, ok := targets[name].(ResizeTarget)
+	return ok && rt.Resizes()
+}
+
 // Target is a writer under test. The harness creates the image (and its
 // backing file) with qcow.Create, durably, before the workload starts;
 // the target only opens it and writes. The crash states are judged by
@@ -56,6 +77,17 @@ func Explain(v Verdict) string {
 // targets holds the registered targets by name.
 var targets = map[string]Target{}
 
+// Register adds a writer under test to Targets (a user's own writer, or a
+// test's deliberately broken one). A name that is taken is an error.
+// Register is not safe for concurrent use with running cases.
+func Register(t Target) error {
+	if _, dup := targets[t.Name()]; dup || t.Name() == "" {
+		return fmt.Errorf("harness: target name %q is empty or taken", t.Name())
+	}
+	register(t)
+	return nil
+}
+
 // register adds t to the targets and to Targets; it panics on a duplicate
 // name (a programming error caught by every test run).
 func register(t Target) {
@@ -85,6 +117,7 @@ type qcowTarget struct{}
 
 func (qcowTarget) Name() string      { return TargetQCOW }
 func (qcowTarget) Formats() []string { return slices.Clone(Formats) }
+func (qcowTarget) Resizes() bool     { return true }
 func (qcowTarget) Open(fsys vfs.FS, name string, wt bool) (Writer, error) {
 	return qcow.Open(fsys, name, &qcow.Options{ReadWrite: true, WriteThrough: wt, Events: qcow.LabelEvents(fsys)})
 }
@@ -95,6 +128,7 @@ type noBarrierTarget struct{}
 
 func (noBarrierTarget) Name() string      { return TargetNoBarrier }
 func (noBarrierTarget) Formats() []string { return slices.Clone(Formats) }
+func (noBarrierTarget) Resizes() bool     { return true }
 func (noBarrierTarget) Open(fsys vfs.FS, name string, wt bool) (Writer, error) {
 	return qcowTarget{}.Open(noBarrierFS{fsys}, name, wt)
 }

@@ -22,6 +22,7 @@ type syncRangeTarget struct{}
 
 func (syncRangeTarget) Name() string      { return TargetSyncRange }
 func (syncRangeTarget) Formats() []string { return slices.Clone(Formats) }
+func (syncRangeTarget) Resizes() bool     { return true }
 func (syncRangeTarget) Open(fsys vfs.FS, name string, wt bool) (Writer, error) {
 	return qcowTarget{}.Open(syncRangeFS{fsys}, name, wt)
 }

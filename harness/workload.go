@@ -18,7 +18,11 @@ const (
 	OpWrite OpKind = "write" // Image.WriteAt of pattern bytes
 	OpZero  OpKind = "zero"  // Image.WriteZeroes
 	OpFlush OpKind = "flush" // Image.Flush
-	OpClose OpKind = "close" // Image.Close; always the last op, not counted in Case.Ops
+	// OpResize grows the virtual disk to Op.Size bytes (Image.Resize;
+	// durable on return). Only targets whose writers resize (see
+	// Resizer) get resize ops.
+	OpResize OpKind = "resize"
+	OpClose  OpKind = "close" // Image.Close; always the last op, not counted in Case.Ops
 )
 
 // Op is one workload operation on the virtual disk.
@@ -31,6 +35,8 @@ type Op struct {
 	Len   int64  `json:"len,omitempty"`
 	// Pattern seeds the bytes of a write (see Pattern).
 	Pattern uint64 `json:"pattern,omitempty"`
+	// Size is the new virtual size of a resize.
+	Size int64 `json:"size,omitempty"`
 }
 
 // String describes the op on one line.
@@ -44,6 +50,8 @@ func (o Op) String() string {
 		return fmt.Sprintf("write off=%d len=%d%s pattern=%#x", o.Off, o.Len, shape, o.Pattern)
 	case OpZero:
 		return fmt.Sprintf("zero off=%d len=%d%s", o.Off, o.Len, shape)
+	case OpResize:
+		return fmt.Sprintf("resize size=%d", o.Size)
 	}
 	return string(o.Kind)
 }
@@ -77,8 +85,9 @@ func Pattern(seed uint64, n int64) []byte {
 
 // Workload returns the case's operations, then a close: those of Trace
 // for a trace case, else Case.Ops writes, zero writes and flushes drawn
-// deterministically from Case.Seed. An invalid trace gives just the close
-// (Validate reports it).
+// deterministically from Case.Seed (and, with Case.Grow, resizes drawn
+// from its own sub-seed, after which ops are drawn within the new size).
+// An invalid trace gives just the close (Validate reports it).
 func (c Case) Workload() []Op {
 	if c.Explicit {
 		ops, _ := DecodeOps(c.Trace)
@@ -86,16 +95,29 @@ func (c Case) Workload() []Op {
 	}
 	s := faultfs.SubSeed(c.Seed, "workload")
 	r := rand.New(rand.NewPCG(s, faultfs.SubSeed(s, "pcg")))
+	var rz *rand.Rand
+	if c.Grow {
+		s := faultfs.SubSeed(c.Seed, "resize")
+		rz = rand.New(rand.NewPCG(s, faultfs.SubSeed(s, "pcg")))
+	}
 	ops := make([]Op, 0, c.Ops+1)
+	size := c.Size
 	for range c.Ops {
-		ops = append(ops, c.drawOp(r))
+		if rz != nil && rz.IntN(8) == 0 && size < min(MaxSize, 4*c.Size) {
+			// Grow by up to half the disk (at least a sector), to at most
+			// four times the case's size and MaxSize.
+			size = min(MaxSize, 4*c.Size, size+512*(1+rz.Int64N(max(1, size/1024))))
+			ops = append(ops, Op{Kind: OpResize, Size: size})
+			continue
+		}
+		ops = append(ops, c.drawOp(r, size))
 	}
 	return append(ops, Op{Kind: OpClose})
 }
 
-// drawOp draws one operation within the disk.
-func (c Case) drawOp(r *rand.Rand) Op {
-	size, cs := c.Size, c.ClusterSize
+// drawOp draws one operation within a disk of size bytes.
+func (c Case) drawOp(r *rand.Rand, size int64) Op {
+	cs := c.ClusterSize
 	// rng returns a uniform value in [lo, hi] (lo when hi < lo).
 	rng := func(lo, hi int64) int64 {
 		if hi <= lo {
@@ -149,9 +171,10 @@ func (c Case) drawOp(r *rand.Rand) Op {
 
 // EncodeOps returns the compact one-line form of a trace, which DecodeOps
 // reads back: ops separated by commas, each "wOFF+LEN.PATTERN" (a write;
-// PATTERN in hex), "zOFF+LEN" (a zero write) or "f" (a flush); no ops is
-// the empty string. Shapes are not kept. Only write, zero and flush ops can
-// be encoded, with OFF >= 0 and LEN >= 1.
+// PATTERN in hex), "zOFF+LEN" (a zero write), "f" (a flush) or "rSIZE" (a
+// resize to SIZE bytes); no ops is the empty string. Shapes are not kept.
+// Only write, zero, flush and resize ops can be encoded, with OFF >= 0,
+// LEN >= 1 and SIZE in [1, MaxSize].
 func EncodeOps(ops []Op) (string, error) {
 	var b strings.Builder
 	for i, o := range ops {
@@ -168,8 +191,13 @@ func EncodeOps(ops []Op) (string, error) {
 			fmt.Fprintf(&b, "z%d+%d", o.Off, o.Len)
 		case OpFlush:
 			b.WriteByte('f')
+		case OpResize:
+			if o.Size < 1 || o.Size > MaxSize {
+				return "", fmt.Errorf("op %d (%s): want a size in [1, %d]", i, o, MaxSize)
+			}
+			fmt.Fprintf(&b, "r%d", o.Size)
 		default:
-			return "", fmt.Errorf("op %d: kind %q cannot be in a trace (want write, zero or flush)", i, o.Kind)
+			return "", fmt.Errorf("op %d: kind %q cannot be in a trace (want write, zero, flush or resize)", i, o.Kind)
 		}
 	}
 	return b.String(), nil
@@ -187,10 +215,18 @@ func DecodeOps(s string) ([]Op, error) {
 	ops := make([]Op, 0, len(parts))
 	for i, p := range parts {
 		bad := func() ([]Op, error) {
-			return nil, fmt.Errorf("op %d %q: want wOFF+LEN.HEX, zOFF+LEN or f", i, shorten(p, 60))
+			return nil, fmt.Errorf("op %d %q: want wOFF+LEN.HEX, zOFF+LEN, f or rSIZE", i, shorten(p, 60))
 		}
 		if p == "f" {
 			ops = append(ops, Op{Kind: OpFlush})
+			continue
+		}
+		if len(p) > 1 && p[0] == 'r' {
+			n, err := strconv.ParseInt(p[1:], 10, 64)
+			if err != nil || n < 1 || n > MaxSize {
+				return bad()
+			}
+			ops = append(ops, Op{Kind: OpResize, Size: n})
 			continue
 		}
 		if len(p) < 4 || (p[0] != 'w' && p[0] != 'z') {

@@ -17,6 +17,10 @@
 //
 // A crash allows durable ∪ history. Untouched sectors hold their initial
 // value (zeros, or the backing contents given to New).
+//
+// The virtual size has candidates the same way (see Resize and
+// CheckSize), and Snapshots holds the frozen views of a disk's internal
+// snapshots, which must never change.
 package model
 
 import (

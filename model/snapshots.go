@@ -59,6 +59,13 @@ func (s *Snapshots) Add(name string, data []byte) error {
 // Names returns the frozen snapshots' names in the order they were added.
 func (s *Snapshots) Names() []string { return slices.Clone(s.names) }
 
+// Frozen returns the frozen view of snapshot name (shared: never modify
+// it), and whether there is one.
+func (s *Snapshots) Frozen(name string) ([]byte, bool) {
+	b, ok := s.views[name]
+	return b, ok
+}
+
 // Len returns the number of frozen snapshots.
 func (s *Snapshots) Len() int { return len(s.names) }
 

@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"os/signal"
 	"runtime"
 	"slices"
@@ -135,6 +136,11 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 		o.shard = shardFlag{0, 1}
 	}
 	sp := harness.Space{Formats: o.formats, Models: o.models, Errors: o.errors}
+	// Cases on qemu-made snapshot images only where qemu can make them
+	// (their IDs say so, so a repro elsewhere reports the missing qemu).
+	_, errImg := exec.LookPath("qemu-img")
+	_, errIO := exec.LookPath("qemu-io")
+	sp.Qemu = errImg == nil && errIO == nil
 	if len(o.target) == 1 {
 		sp.Target = o.target[0]
 	}
