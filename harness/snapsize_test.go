@@ -105,9 +105,9 @@ func TestGenerateNewFields(t *testing.T) {
 	}
 }
 
-// TestRunResize runs cases that grow the disk on the correct writer: they
+// TestCrashResize runs cases that grow the disk on the correct writer: they
 // pass, and some of their crash states have the new size.
-func TestRunResize(t *testing.T) {
+func TestCrashResize(t *testing.T) {
 	resized := 0
 	for k := uint64(0); resized < 3; k++ {
 		if k > 100 {
@@ -136,10 +136,10 @@ func TestRunResize(t *testing.T) {
 	}
 }
 
-// TestRunSnapshotImage runs cases on qemu-made images with internal
+// TestCrashSnapshotImage runs cases on qemu-made images with internal
 // snapshots: the correct writer passes, and the verdicts did read the
 // snapshots (a case whose frozen view is edited fails with "snapshot").
-func TestRunSnapshotImage(t *testing.T) {
+func TestCrashSnapshotImage(t *testing.T) {
 	qemutest.Require(t)
 	for _, id := range []string{
 		"c1:v3:cs=512:sz=65536:b=0:m=torn:wt=0:ops=12:spp=4:t=qcow:seed=0x77:img=qemu-snapshot:grow=1",
