@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/bits"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
@@ -11,7 +12,7 @@ import (
 
 // SteerCandidates is the number of cases Steer.Generate draws for each
 // case it returns.
-const SteerCandidates = 8
+const SteerCandidates = 16
 
 // Steer draws cases biased toward coverage cells (see Coverage) that the
 // cases before them have not covered, or covered in few cases: soak
@@ -49,6 +50,12 @@ type Steer struct {
 	cols                     map[string]map[string]bool
 	tries                    map[string]int
 	crashEvents, faultEvents map[string]bool
+	// events lists crashEvents sorted; evCases counts, per event, the
+	// observed cases whose crash states covered it, and evHits the same
+	// per feature.
+	events  []string
+	evCases map[string]int
+	evHits  map[string]map[string]int
 }
 
 type featStat struct {
@@ -60,7 +67,8 @@ type featStat struct {
 func NewSteer(sp Space) *Steer {
 	return &Steer{sp: sp, hits: map[cellKey]int{}, feats: map[string]*featStat{},
 		cols: map[string]map[string]bool{}, tries: map[string]int{},
-		crashEvents: map[string]bool{}, faultEvents: map[string]bool{}}
+		crashEvents: map[string]bool{}, faultEvents: map[string]bool{},
+		evCases: map[string]int{}, evHits: map[string]map[string]int{}}
 }
 
 // Generate returns the case for seed: of SteerCandidates cases drawn by
@@ -97,7 +105,7 @@ func (s *Steer) Generate(seed uint64) Case {
 		}
 		score /= float64(len(feats))
 		crash, fault := caseColumns(c)
-		score += s.missing(crash, s.crashEvents)
+		score += s.expected(crash, feats)
 		if fault != "" {
 			score += s.missing(fault, s.faultEvents)
 		}
@@ -136,7 +144,24 @@ func (s *Steer) Observe(c Case, cov *Coverage) {
 	if fault != "" {
 		s.tries[fault]++
 	}
+	seen := map[string]bool{}
 	for _, cell := range cov.Cells() {
+		if strings.HasPrefix(cell.Fault, "crash:") && !seen[cell.Event] {
+			seen[cell.Event] = true
+			s.evCases[cell.Event]++
+			for _, f := range caseFeatures(c) {
+				h := s.evHits[f]
+				if h == nil {
+					h = map[string]int{}
+					s.evHits[f] = h
+				}
+				h[cell.Event]++
+			}
+			if !s.crashEvents[cell.Event] {
+				i, _ := slices.BinarySearch(s.events, cell.Event)
+				s.events = slices.Insert(s.events, i, cell.Event)
+			}
+		}
 		col := s.cols[cell.Fault]
 		if col == nil {
 			col = map[string]bool{}
@@ -149,6 +174,32 @@ func (s *Steer) Observe(c Case, cov *Coverage) {
 			s.faultEvents[cell.Event] = true
 		}
 	}
+}
+
+// expected estimates the new cells a case with features feats adds in
+// crash column col: the sum, over the events covered in some crash column
+// but not in col, of the chance that the case's crash states cover the
+// event: the mean over its features f of (h + p) / (n + 1), h of the n
+// observed cases with f covered it, p the share of all observed cases
+// that did (so an untried feature counts as average).
+func (s *Steer) expected(col string, feats []string) float64 {
+	sum := 0.0
+	for _, e := range s.events {
+		if s.cols[col][e] {
+			continue
+		}
+		prior := float64(s.evCases[e]) / float64(max(s.cases, 1))
+		p := 0.0
+		for _, f := range feats {
+			n := 0
+			if st := s.feats[f]; st != nil {
+				n = st.cases
+			}
+			p += (float64(s.evHits[f][e]) + prior) / float64(n+1)
+		}
+		sum += p / float64(len(feats))
+	}
+	return sum
 }
 
 // missing estimates the new cells a case adds in fault column col: the
