@@ -2,6 +2,7 @@ package qcow
 
 import (
 	"encoding/binary"
+	"fmt"
 	"time"
 )
 
@@ -42,8 +43,11 @@ func (im *Image) readSnapshots() (int64, []Snapshot, error) {
 		if off-start+snapshotFixedLen > MaxSnapshotTableBytes {
 			return 0, nil, limitErr("snapshot_table_size", int64(h.snapOff), uint64(off-start), "bytes exceeds limit %d at snapshot %d", MaxSnapshotTableBytes, i)
 		}
+		if off+snapshotFixedLen > im.fileSize {
+			return 0, nil, formatErr("snapshot", off, uint64(i), "entry extends beyond the end of the file")
+		}
 		if err := im.readFull(fixed[:], off); err != nil {
-			return 0, nil, formatErr("snapshot", off, uint64(i), "entry cannot be read: %v", err)
+			return 0, nil, fmt.Errorf("qcow: snapshot %d entry: %w", i, err) // an I/O error: keep it
 		}
 		c := cursor{b: fixed[:]}
 		s := Snapshot{}

@@ -2,6 +2,7 @@ package qcow_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -166,5 +167,65 @@ func TestSnapshotViewHostile(t *testing.T) {
 	}
 	if _, err := im.SnapshotView(good); err != nil {
 		t.Fatalf("the unedited snapshot: %v", err)
+	}
+}
+
+// errRead is the error failReadFS injects.
+var errRead = errors.New("injected read error")
+
+// failReadFS fails every read at or after from, once armed.
+type failReadFS struct {
+	vfs.FS
+	from  int64
+	armed *bool
+}
+
+func (f failReadFS) Open(name string, flag vfs.OpenFlag) (vfs.File, error) {
+	h, err := f.FS.Open(name, flag)
+	if err != nil {
+		return nil, err
+	}
+	return failReadFile{h, f}, nil
+}
+
+type failReadFile struct {
+	vfs.File
+	fs failReadFS
+}
+
+func (f failReadFile) ReadAt(p []byte, off int64) (int, error) {
+	if *f.fs.armed && off+int64(len(p)) > f.fs.from {
+		return 0, errRead
+	}
+	return f.File.ReadAt(p, off)
+}
+
+// TestSnapshotsReadErrorWrapped: an I/O error reading the snapshot table
+// is returned wrapped (errors.Is finds it), not flattened into a format
+// error: the harness's errors verdict requires an injected fault to reach
+// the caller (found by a soak case on a qemu-made snapshot image).
+func TestSnapshotsReadErrorWrapped(t *testing.T) {
+	qemutest.Require(t)
+	img := qemutest.Create(t, filepath.Join(t.TempDir(), "img.qcow2"), "qcow2", "cluster_size=4096", 1<<20)
+	qemuIO(t, "qcow2", img, "write -P 0x11 0 64k")
+	qemutest.Img(t, "snapshot", "-c", "s1", img)
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := vfs.NewMem()
+	f, _ := mem.Create("img")
+	f.WriteAt(b, 0)
+	f.Close()
+	armed := false
+	snapOff := int64(binary.BigEndian.Uint64(b[64:72]))
+	im, err := qcow.Open(failReadFS{mem, snapOff, &armed}, "img", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	armed = true
+	if _, err := im.Snapshots(); !errors.Is(err, errRead) {
+		t.Fatalf("Snapshots() = %v, want an error wrapping the read error", err)
 	}
 }
