@@ -126,6 +126,10 @@ type Options struct {
 	// NoStates checks no crash state at all, only the ordering rules
 	// (OrderingRules): `--max-states 0` on the command line.
 	NoStates bool
+
+	// inspect, when set, sees the recorded workload before its crash
+	// states are checked (the event matrix checks the image it left).
+	inspect func(r *run, ffs *faultfs.FS)
 }
 
 // Run runs the case in memory and returns its verdict. It never panics on
@@ -146,6 +150,9 @@ func RunWith(c Case, o Options) (v Verdict) {
 		v.Failure = f
 		v.Coverage = r.earlyCoverage(&v, ffs)
 		return v
+	}
+	if o.inspect != nil {
+		o.inspect(r, ffs)
 	}
 	rec := ffs.Recording()
 	v.FileOps = rec.Len()

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/qcowcrash/qcowcrash/faultfs"
@@ -17,8 +18,8 @@ import (
 func init() {
 	register(&command{
 		name:    "explore",
-		args:    "[--format v3] [--workload FILE|--seed S] [--model torn] [--max-states N] [--states-per-point N] [--target T] [--export DIR] [--fs mem|os:DIR] [--json] [-v]",
-		summary: "Enumerate the crash states of one workload exhaustively (up to --states-per-point per crash point), with counts per crash point, every failure and the coverage table (event × fault × outcome); exit 1 if any state failed.",
+		args:    "[--format v3] [--workload FILE|--seed S] [--model torn] [--max-states N] [--states-per-point N] [--target T] [--export DIR] [--fs mem|os:DIR] [--json] [-v] | --events [--target T] [--event-workloads LIST] [--quick] [--json] [-v]",
+		summary: "Enumerate the crash states of one workload exhaustively (up to --states-per-point per crash point), with counts per crash point, every failure and the coverage table (event × fault × outcome); exit 1 if any state failed. With --events, run qemu iotest 026's matrix instead: every writer event × {eio, enospc, short, crash} × {once, always} × {write-back, write-through} on 026's workloads and ours, and print the outcome table; exit 1 if any cell is corruption, lost flushed data or a swallowed error.",
 		flags: func(fs *flag.FlagSet) func(*cli, []string) int {
 			var o exploreOptions
 			fs.StringVar(&o.format, "format", "v3", "image `FORMAT` for --seed or an ops file: v1, v2 or v3")
@@ -32,7 +33,10 @@ func init() {
 			fs.Int64Var(&o.size, "size", 256<<10, "virtual disk size in `BYTES` for an ops file")
 			fs.StringVar(&o.export, "export", "", "write every checked crash state as an image file into `DIR` (p<point>-s<state>.qcow|.qcow2, the backing file beside them, p<point>.expected.raw)")
 			fs.Var(&o.fs, "fs", "run over `mem` (default) or real files in a temporary directory under DIR (os:DIR)")
-			fs.BoolVar(&o.verbose, "v", false, "print every crash state checked")
+			fs.BoolVar(&o.verbose, "v", false, "print every crash state checked (with --events: every cell as it is run)")
+			fs.BoolVar(&o.events, "events", false, "run the event matrix (qemu iotest 026's error path tests) on the event workloads instead of one workload; see docs/events.md")
+			fs.StringVar(&o.eventWorkloads, "event-workloads", "", "with --events: run only these comma-separated `WORKLOADS` (026-write, 026-l2_update, 026-l2_load, 026-refblock, 026-reftable, cow, zero, v2, rollback)")
+			fs.BoolVar(&o.quick, "quick", false, "with --events: once only, write-back only (a quarter of the cells)")
 			asJSON := jsonFlags(fs)
 			return func(c *cli, args []string) int {
 				if len(args) > 0 {
@@ -40,6 +44,18 @@ func init() {
 				}
 				set := map[string]bool{}
 				fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+				o.json = *asJSON
+				if o.events {
+					for _, f := range []string{"workload", "seed", "format", "model", "max-states", "states-per-point", "export", "fs", "cluster-size", "size"} {
+						if set[f] {
+							return c.usageError(commands["explore"], "--events runs its own workloads: --%s does not apply", f)
+						}
+					}
+					return c.exploreEvents(o)
+				}
+				if set["event-workloads"] || set["quick"] {
+					return c.usageError(commands["explore"], "--event-workloads and --quick go with --events")
+				}
 				if set["workload"] && set["seed"] {
 					return c.usageError(commands["explore"], "give one of --workload FILE and --seed S, not both")
 				}
@@ -53,7 +69,6 @@ func init() {
 				if err != nil {
 					return c.fail("explore: %v", err)
 				}
-				o.json = *asJSON
 				return c.explore(cs, o)
 			}
 		},
@@ -68,6 +83,8 @@ type exploreOptions struct {
 	clusterSize, size                       int64
 	fs                                      fsFlag
 	json, verbose                           bool
+	events, quick                           bool
+	eventWorkloads                          string
 }
 
 // buildCase makes the case to explore from the flags; set holds the flags
@@ -233,4 +250,156 @@ func (c *cli) explore(cs harness.Case, o exploreOptions) int {
 	printCoverage(&b, ex.Verdict.Coverage)
 	c.stdout.Write([]byte(b.String()))
 	return code
+}
+
+// eventsOutput is explore --events' JSON output.
+type eventsOutput struct {
+	Target    string                  `json:"target"`
+	Workloads []harness.EventWorkload `json:"workloads"`
+	Rows      []harness.EventRow      `json:"rows"`
+	Summary   map[string]int          `json:"summary"`
+	Bad       int                     `json:"bad"`
+}
+
+// exploreEvents runs the event matrix and prints its table.
+func (c *cli) exploreEvents(o exploreOptions) int {
+	mo := harness.EventMatrixOptions{Target: o.target, OnceOnly: o.quick, WriteBackOnly: o.quick}
+	all := harness.EventWorkloads()
+	if o.eventWorkloads != "" {
+		for _, name := range strings.Split(o.eventWorkloads, ",") {
+			if !slices.ContainsFunc(all, func(w harness.EventWorkload) bool { return w.Name == name }) {
+				return c.fail("explore: unknown event workload %q", name)
+			}
+			mo.Workloads = append(mo.Workloads, name)
+		}
+	}
+	if o.verbose {
+		mo.Progress = func(r harness.EventRow) {
+			if r.Plan != "" {
+				fmt.Fprintf(c.stderr, "%s %s %s wt=%v: %s\n", r.Workload, r.Event, r.Plan, r.WriteThrough, r.Outcome)
+			}
+		}
+	}
+	rows, err := harness.EventMatrix(mo)
+	if err != nil {
+		return c.fail("explore: %v", err)
+	}
+	out := eventsOutput{Target: o.target, Rows: rows, Summary: map[string]int{}}
+	for _, w := range all {
+		if mo.Workloads == nil || slices.Contains(mo.Workloads, w.Name) {
+			out.Workloads = append(out.Workloads, w)
+		}
+	}
+	for _, r := range rows {
+		out.Summary[r.Outcome]++
+		if harness.EventBad(r.Outcome) {
+			out.Bad++
+		}
+	}
+	code := 0
+	if out.Bad > 0 {
+		code = 1
+	}
+	if o.json {
+		js, err := json.MarshalIndent(out, "", "  ")
+		if err != nil {
+			return c.fail("explore: %v", err)
+		}
+		c.stdout.Write(append(js, '\n'))
+		return code
+	}
+	var b strings.Builder
+	printEventTable(&b, out, !o.quick)
+	c.stdout.Write([]byte(b.String()))
+	return code
+}
+
+// eventAbbrev is how the table writes each outcome.
+var eventAbbrev = map[string]string{
+	harness.OutcomeCorruption: "CORRUPT", harness.OutcomeLostFlushed: "LOST", harness.OutcomeErrorSwallowed: "SWALLOWED",
+	harness.OutcomeLeaks: "leaks", harness.OutcomeErrorReturned: "error", harness.OutcomeClean: "clean",
+	harness.OutcomeNotReached: "-", harness.OutcomeNotApplicable: "n/a",
+}
+
+// printEventTable writes the event matrix in the manner of qemu's 026.out,
+// one line per workload, event and fault with a column per once/always ×
+// write-back/write-through, the events a workload never issues on one
+// line, then the counts and the bad cells with their repro IDs.
+func printEventTable(b *strings.Builder, out eventsOutput, full bool) {
+	fmt.Fprintf(b, "event matrix (qemu iotest 026): target %s, %d workloads, %d cells\n", out.Target, len(out.Workloads), len(out.Rows))
+	fmt.Fprintf(b, "outcomes: error = the call returned the injected error, image clean; leaks = leaked clusters only; clean = no error, image clean;\n")
+	fmt.Fprintf(b, "  CORRUPT / LOST (flushed data) / SWALLOWED (error) are bugs; - = the workload never issues the event; n/a = a short write inside the file\n")
+	cols := []string{"once/wb"}
+	if full {
+		cols = []string{"once/wb", "once/wt", "always/wb", "always/wt"}
+	}
+	col := func(r harness.EventRow) string {
+		s := "once/"
+		if r.Always {
+			s = "always/"
+		}
+		if r.WriteThrough {
+			return s + "wt"
+		}
+		return s + "wb"
+	}
+	for _, w := range out.Workloads {
+		fmt.Fprintf(b, "\nworkload %s: %s\n", w.Name, w.Note)
+		fmt.Fprintf(b, "  %-28s %-6s", "event", "fault")
+		for _, c := range cols {
+			fmt.Fprintf(b, " %-9s", c)
+		}
+		b.WriteString("\n")
+		type key struct{ event, fault string }
+		cells := map[key]map[string]string{}
+		var keys []key
+		reached := map[string]bool{}
+		var events []string
+		for _, r := range out.Rows {
+			if r.Workload != w.Name {
+				continue
+			}
+			if !slices.Contains(events, r.Event) {
+				events = append(events, r.Event)
+			}
+			k := key{r.Event, r.Fault}
+			if cells[k] == nil {
+				cells[k] = map[string]string{}
+				keys = append(keys, k)
+			}
+			cells[k][col(r)] = eventAbbrev[r.Outcome]
+			if r.Outcome != harness.OutcomeNotReached {
+				reached[r.Event] = true
+			}
+		}
+		var unreached []string
+		for _, e := range events {
+			if !reached[e] {
+				unreached = append(unreached, e)
+			}
+		}
+		for _, k := range keys {
+			if !reached[k.event] {
+				continue
+			}
+			fmt.Fprintf(b, "  %-28s %-6s", k.event, k.fault)
+			for _, c := range cols {
+				fmt.Fprintf(b, " %-9s", cells[k][c])
+			}
+			b.WriteString("\n")
+		}
+		if len(unreached) > 0 {
+			fmt.Fprintf(b, "  not reached: %s\n", strings.Join(unreached, " "))
+		}
+	}
+	fmt.Fprintf(b, "\nevents summary:")
+	for _, oc := range harness.EventOutcomes {
+		fmt.Fprintf(b, " %s=%d", oc, out.Summary[oc])
+	}
+	fmt.Fprintf(b, " bad=%d\n", out.Bad)
+	for _, r := range out.Rows {
+		if harness.EventBad(r.Outcome) {
+			fmt.Fprintf(b, "%s %s %s %s: %s\n  repro: crashtest repro -v %s\n", strings.ToUpper(r.Outcome), r.Workload, r.Event, col(r), printable(r.Detail), r.ID)
+		}
+	}
 }
