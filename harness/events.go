@@ -24,9 +24,8 @@ import (
 // vmstate (-b) writes (no vmstate here). Its once=off fails every request
 // after the event; here "always" fails every operation labelled with the
 // event (and only those). 026's L1 growth comes from a vmstate write past
-// the end of the disk; this writer grows its L1 table only on Resize,
-// which the harness workloads do not issue, so the l1_grow_* events show
-// as not reached.
+// the end of the disk; this writer grows its L1 table only on Resize, so
+// the 026-l1_grow workload resizes (targets that cannot resize skip it).
 
 // EventWorkload is one workload of the event matrix: a trace case without
 // a fault plan (write-through is chosen per cell).
@@ -68,6 +67,8 @@ func EventWorkloads() []EventWorkload {
 			"v3", 512, 4<<20, false, "", "w0+262144.26", ""),
 		mk("026-reftable", "026's refcount table growth, scaled down: 512-byte clusters, a 6.9 MiB write in setup, then a write that needs a bigger refcount table",
 			"v3", 512, 9<<20, false, "w0+7208960.25", "w7208960+262144.26", ""),
+		mk("026-l1_grow", "026's L1 growth (there a vmstate write past the disk, here Resize): a resize within the L1 table (header only), then one that needs a bigger L1 table",
+			"v3", 1024, 983040, false, "w0+512.25", "w1024+512.26,r1048576,r2097152,w1500000+100.27", ""),
 		mk("cow", "ours: partial writes over a backing file (copy-on-write reads and writes), a flush, an in-place write",
 			"v3", 4096, 256<<10, true, "", "w5000+100.26,w20000+9000.27,f,w5100+10.28", ""),
 		mk("zero", "ours: zero clusters over allocated ones (L2 updates, clusters freed)",
@@ -205,6 +206,9 @@ func EventMatrix(o EventMatrixOptions) ([]EventRow, error) {
 		for _, wt := range modes {
 			c := w.Case
 			c.Target, c.WriteThrough, c.Faults = target, wt, w.Base
+			if c.Validate() != nil {
+				continue // the target cannot run it (a resize)
+			}
 			labels, err := eventLabels(c)
 			if err != nil {
 				return nil, fmt.Errorf("harness: event workload %s: %w", w.Name, err)
@@ -215,6 +219,9 @@ func EventMatrix(o EventMatrixOptions) ([]EventRow, error) {
 					events = append(events, l)
 				}
 			}
+		}
+		if len(seen) == 0 {
+			continue
 		}
 		if target == TargetQCOW {
 			for _, e := range qcow.Events {

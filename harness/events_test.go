@@ -13,7 +13,7 @@ import (
 // once columns of eio, short and crash run.
 func TestEventMatrix(t *testing.T) {
 	start := time.Now()
-	o := EventMatrixOptions{Workloads: []string{"026-write", "026-l2_update", "026-l2_load", "cow", "zero", "rollback"}}
+	o := EventMatrixOptions{Workloads: []string{"026-write", "026-l2_update", "026-l2_load", "026-l1_grow", "cow", "zero", "rollback"}}
 	if testing.Short() {
 		o.OnceOnly, o.Faults = true, []string{"eio", "short", "crash"}
 	}
@@ -63,7 +63,8 @@ func TestEventMatrix(t *testing.T) {
 	for _, e := range []string{"l1_update", "l2_load", "l2_update", "l2_alloc_write", "write_aio", "refblock_load",
 		"refblock_update_part", "refblock_alloc_write", "refblock_alloc_hookup", "refblock_alloc_write_table",
 		"refblock_alloc_switch_table", "cow_read", "cow_write", "flush_to_disk", "cluster_free",
-		"rollback_pointers", "rollback_reftable", "rollback_refcounts", "rollback_truncate"} {
+		"rollback_pointers", "rollback_reftable", "rollback_refcounts", "rollback_truncate",
+		"l1_grow_write_table", "l1_grow_activate_table", "header_update"} {
 		if !reached[e] {
 			t.Errorf("event %s: no cell reached", e)
 		}

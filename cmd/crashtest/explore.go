@@ -35,7 +35,7 @@ func init() {
 			fs.Var(&o.fs, "fs", "run over `mem` (default) or real files in a temporary directory under DIR (os:DIR)")
 			fs.BoolVar(&o.verbose, "v", false, "print every crash state checked (with --events: every cell as it is run)")
 			fs.BoolVar(&o.events, "events", false, "run the event matrix (qemu iotest 026's error path tests) on the event workloads instead of one workload; see docs/events.md")
-			fs.StringVar(&o.eventWorkloads, "event-workloads", "", "with --events: run only these comma-separated `WORKLOADS` (026-write, 026-l2_update, 026-l2_load, 026-refblock, 026-reftable, cow, zero, v2, rollback)")
+			fs.StringVar(&o.eventWorkloads, "event-workloads", "", "with --events: run only these comma-separated `WORKLOADS` (026-write, 026-l2_update, 026-l2_load, 026-refblock, 026-reftable, 026-l1_grow, cow, zero, v2, rollback)")
 			fs.BoolVar(&o.quick, "quick", false, "with --events: once only, write-back only (a quarter of the cells)")
 			asJSON := jsonFlags(fs)
 			return func(c *cli, args []string) int {
