@@ -1,6 +1,7 @@
 package qcow
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"testing"
@@ -19,6 +20,11 @@ import (
 //   - no-refcount-update: refcount increments are never written;
 //   - rollback-keeps-tables: a failed write's truncate rollback forgets to
 //     restore the in-memory tables;
+//   - rollback-no-truncate (in write-back and write-through mode): the
+//     rollback never cuts the file back (caught by the rollback verdict on
+//     the live file: too long);
+//   - swallow-data-error: a failed pwrite of guest data is ignored and the
+//     call returns nil (caught by the errors verdict);
 //   - sync-file-range-barrier: every fdatasync is replaced by
 //     sync_file_range over what was written since the last barrier, which
 //     makes the data durable but not the file size (a vfs.FS wrapper);
@@ -37,6 +43,13 @@ func TestCrashCatchesBrokenWriters(t *testing.T) {
 		}
 	}
 	limit := min(crashLimit(t), 256)
+	rollback := exWorkload{name: "rollback", cfg: crashConfig{version: 3, cs: 512, backing: true}, size: 64 << 10, ops: []exOp{
+		{kind: "write", off: 700, n: 100, seed: 1},
+		{kind: "write", off: 4096 - 100, n: 1300, seed: 2},
+		{kind: "flush"},
+		{kind: "write", off: 8192 + 10, n: 600, seed: 3},
+		{kind: "flush"},
+	}}
 	cases := []struct {
 		name string
 		run  func(t *testing.T) error
@@ -50,13 +63,18 @@ func TestCrashCatchesBrokenWriters(t *testing.T) {
 			return err
 		}},
 		{"rollback-keeps-tables", func(t *testing.T) error {
-			return exFaultRun(t, exWorkload{name: "rollback", cfg: crashConfig{version: 3, cs: 512, backing: true}, size: 64 << 10, ops: []exOp{
-				{kind: "write", off: 700, n: 100, seed: 1},
-				{kind: "write", off: 4096 - 100, n: 1300, seed: 2},
-				{kind: "flush"},
-				{kind: "write", off: 8192 + 10, n: 600, seed: 3},
-				{kind: "flush"},
-			}}, bugRollbackKeepsMem)
+			return exFaultRun(t, rollback, bugRollbackKeepsMem)
+		}},
+		{"rollback-no-truncate", func(t *testing.T) error {
+			return exFaultRun(t, rollback, bugRollbackNoTruncate)
+		}},
+		{"rollback-no-truncate-write-through", func(t *testing.T) error {
+			w := rollback
+			w.through = true
+			return exFaultRun(t, w, bugRollbackNoTruncate)
+		}},
+		{"swallow-data-error", func(t *testing.T) error {
+			return exFaultRun(t, rollback, bugSwallowDataError)
 		}},
 		{"resize-not-durable", func(t *testing.T) error {
 			return wtCrashRun(t, CreateOptions{ClusterSize: 512, RefcountBits: 64}, false, 6, bugResizeNotDurable)
@@ -109,9 +127,11 @@ func TestCrashFaultRollback(t *testing.T) {
 // image is opened, for every k (EIO; barriers are left alone: their failure
 // is final by contract, which the state machines check),
 // and checks the errors verdict (the failing call returns an error wrapping
-// the injected one, and no other call fails), then after Close the check
-// verdict without leaks (a rollback leaves none) and the content verdict.
-// It returns the first failure.
+// the injected one, the call during which the fault fired does not return
+// nil, and no other call fails), the rollback verdict on the live file
+// right after a failed write (crashRollbackVerdict), then after Close the
+// check verdict without leaks (a rollback leaves none) and the content
+// verdict. It returns the first failure.
 func exFaultRun(t testing.TB, w exWorkload, bugs writerBugs) error {
 	t.Helper()
 	mem0, base := crashSetup(t, w.cfg, w.size, 7)
@@ -132,10 +152,26 @@ func exFaultRun(t testing.TB, w exWorkload, bugs writerBugs) error {
 		ffs.SetInjector(inj)
 		m := crashModel(w.size, base)
 		for i, op := range w.ops {
+			before := inj.hit != nil
+			var live crashLive
+			if !before && op.kind != "flush" {
+				live = crashLiveBefore(t, mem, w.cfg.cs)
+			}
 			err := exApply(im, op)
+			hitNow := !before && inj.hit != nil
 			switch {
+			case err == nil && hitNow:
+				return verdictf("errors", "%s: op %d (%s) returned nil although its file operation %s failed", id, i, op.kind, inj.hit)
 			case err != nil && (inj.hit == nil || !crashInjected(err)):
 				return verdictf("errors", "%s: op %d (%s) failed without the injected fault: %v", id, i, op.kind, err)
+			case err != nil && hitNow && op.kind != "flush":
+				// One EIO on a file operation that is not a barrier, and
+				// nothing else failed: the rollback ran to its end.
+				if err := live.verdict(mem, w.through, op); err != nil {
+					return fmt.Errorf("%s: op %d (%s): %w", id, i, op.kind, err)
+				}
+			}
+			switch {
 			case err != nil && op.kind == "write":
 				m.FailedWrite(crashData(op.n, op.seed), op.off)
 			case err != nil && op.kind == "zero":
@@ -211,3 +247,76 @@ func (f *syncRangeFile) barrier() error {
 func (f *syncRangeFile) Sync() error { return f.barrier() }
 
 func (f *syncRangeFile) Datasync() error { return f.barrier() }
+
+// crashLive is the live image file "img" before a write: its size and its
+// leaked clusters, for the rollback verdict on it after the write.
+type crashLive struct {
+	size, cs int64
+	leaks    int
+}
+
+// crashLiveBefore reads the size and leaks of "img" in fsys (the FS under
+// faultfs, so that nothing is logged and no fault can fire).
+func crashLiveBefore(t testing.TB, fsys vfs.FS, cs int64) crashLive {
+	t.Helper()
+	fi, err := fsys.Stat("img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := CheckFile(fsys, "img", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return crashLive{size: fi.Size(), cs: cs, leaks: res.Leaks}
+}
+
+// verdict is the rollback verdict of package harness on the live file "img"
+// of fsys right after the write op failed with one injected fault that was
+// not a crash and not on a barrier, no other fault firing during it: the
+// rollback ran with every file operation succeeding, so check finds no
+// corruption, no more leaks than before the call, and the file is no
+// longer than its size before the call rounded up to a whole cluster. In
+// write-through mode a call whose data reads back in full took effect before
+// the failure (a failed stage 4): then only corruption counts.
+func (l crashLive) verdict(fsys vfs.FS, through bool, op exOp) error {
+	res, err := CheckFile(fsys, "img", "")
+	if err != nil {
+		return verdictf("check", "after the rollback: %w", err)
+	}
+	if res.Corruptions > 0 || res.CheckErrors > 0 {
+		return verdictf("check", "after the rollback: %d corruptions, %d check errors: %s", res.Corruptions, res.CheckErrors, crashFindings(res))
+	}
+	if through && crashCommitted(fsys, op) {
+		return nil
+	}
+	fi, err := fsys.Stat("img")
+	if err != nil {
+		return err
+	}
+	if lim := (l.size + l.cs - 1) &^ (l.cs - 1); fi.Size() > lim {
+		return verdictf("check", "after the rollback the file holds %d bytes; before the call %d (at most %d allowed: a whole cluster)", fi.Size(), l.size, lim)
+	}
+	if res.Leaks > l.leaks {
+		return verdictf("check", "the rollback leaked: %d leaked clusters, %d before the call: %s", res.Leaks, l.leaks, crashFindings(res))
+	}
+	return nil
+}
+
+// crashCommitted reports whether the image "img" of fsys reads op's data
+// (a write's bytes, or zeros) over its whole range.
+func crashCommitted(fsys vfs.FS, op exOp) bool {
+	im, err := Open(fsys, "img", nil)
+	if err != nil {
+		return false
+	}
+	defer im.Close()
+	got := make([]byte, op.n)
+	if _, err := im.ReadAt(got, op.off); err != nil {
+		return false
+	}
+	want := make([]byte, op.n)
+	if op.kind == "write" {
+		want = crashData(op.n, op.seed)
+	}
+	return bytes.Equal(got, want)
+}

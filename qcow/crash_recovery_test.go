@@ -21,6 +21,10 @@ import (
 //   - errors: every call that fails returns an error wrapping the injected
 //     fault, and once the writer has declared itself failed it refuses
 //     writes (no call returns nil after the image lost track of its file);
+//   - rollback: when the second fault comes after the failing call, its
+//     rollback ran to its end, and the live file right after it passes
+//     the rollback verdict (crashLive.verdict: no longer than before the
+//     call rounded up to a cluster, no corruption, no new leaks);
 //   - the live file (the process model) and up to 16 torn-model crash
 //     states of the last point open, have no corruption (leaks allowed:
 //     the rollback did not finish), hold what the model allows (every op
@@ -109,12 +113,24 @@ func rollbackFaultRun(t *testing.T, w exWorkload, k, j int, act faultfs.Action, 
 	failing := -1 // the workload op the first fault failed
 	for i, op := range w.ops {
 		before := len(ffs.Log())
+		var live crashLive
+		if first.hit == nil && op.kind != "flush" {
+			live = crashLiveBefore(t, mem, w.cfg.cs)
+		}
 		err := exApply(im, op)
 		if first.hit != nil && failing < 0 {
 			failing = i
 			res.secondHit = second.hit != nil && len(ffs.Log()) > n0+k+j && before <= n0+k+j
 			if err == nil {
 				return res, verdictf("errors", "%s: op %d (%s) returned nil although its file operation %d failed", id, i, op.kind, first.hit.Index)
+			}
+			// Only the first fault fired during the call (the second
+			// comes after it, so it has not fired at all yet): the
+			// rollback ran to its end, and the rollback verdict applies.
+			if second.hit == nil && op.kind != "flush" {
+				if err := live.verdict(mem, w.through, op); err != nil {
+					return res, fmt.Errorf("%s: op %d (%s): %w", id, i, op.kind, err)
+				}
 			}
 		}
 		if err != nil && !errors.Is(err, faultfs.ErrInjected) {

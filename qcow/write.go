@@ -67,14 +67,17 @@ package qcow
 // writing the guest data), the writer rolls back: it restores its in-memory
 // tables, rewrites the old bytes of any metadata it had changed in place
 // (pointers first, then the refcount table, then refcounts, with a barrier
-// after each group), truncates the file back to its size before the write,
-// fdatasyncs, and returns the error wrapped with %w. The image is then as it
-// was before the write (leak free) and stays usable; guest data written in
-// place by the failed call may hold old or new bytes. A failure in stage 4
-// is returned but not rolled back (the write itself is durable); the
-// decrements stay queued and are retried by the next flush. A failure while
-// Flush writes metadata in write-back mode leaves the metadata dirty in
-// memory for the next Flush to retry.
+// after each group), truncates the file back to its size before the write
+// (rounded up to a whole cluster), fdatasyncs, and returns the error wrapped
+// with %w. The image is then as it was before the write (no new leaks) and
+// stays usable; guest data written in place by the failed call may hold old
+// or new bytes. A failure in stage 4 is returned but not rolled back (the
+// write itself is durable; replaced clusters leak until the decrements,
+// which stay queued, are retried by the next flush). A failure while Flush
+// (or a write that first relieves the caches) writes metadata in
+// write-back mode leaves the metadata dirty in memory for the next Flush to
+// retry. No failure is absorbed: every call during which a file operation
+// failed returns an error wrapping it.
 //
 // A failed fdatasync is final: the page cache may have dropped the data it
 // covered, so the writer never retries it as if it had succeeded. After
@@ -164,11 +167,13 @@ type writer struct {
 type writerBugs uint8
 
 const (
-	bugNoDataBarrier    writerBugs = 1 << iota // drop the stage-1 barrier: pointers may reach the disk before data
-	bugNoRefcountUpdate                        // never write refcount increments to existing blocks
-	bugRollbackKeepsMem                        // rollback forgets to restore the in-memory tables
-	bugSnapshotInPlace                         // write guest data in place into a cluster shared with a snapshot (COPIED ignored)
-	bugResizeNotDurable                        // Resize leaves the new size in memory until the next flush
+	bugNoDataBarrier      writerBugs = 1 << iota // drop the stage-1 barrier: pointers may reach the disk before data
+	bugNoRefcountUpdate                          // never write refcount increments to existing blocks
+	bugRollbackKeepsMem                          // rollback forgets to restore the in-memory tables
+	bugSnapshotInPlace                           // write guest data in place into a cluster shared with a snapshot (COPIED ignored)
+	bugResizeNotDurable                          // Resize leaves the new size in memory until the next flush
+	bugRollbackNoTruncate                        // rollback never cuts the file back (skips the ftruncate)
+	bugSwallowDataError                          // a failed guest-data pwrite is ignored: the call returns nil
 )
 
 // dirtyTable is an L2 table changed since the last flush.
@@ -187,10 +192,10 @@ type dataRun struct {
 
 // txn records how to undo one write.
 type txn struct {
-	end, fileSize int64
-	grew          bool // a write reached beyond fileSize
-	undo          []func()
-	meta          [4][]metaWrite // in-place metadata writes by stage
+	fileSize int64
+	grew     bool // a write reached beyond fileSize
+	undo     []func()
+	meta     [4][]metaWrite // in-place metadata writes by stage
 }
 
 // metaWrite is an in-place metadata write; enc re-encodes the bytes from
@@ -448,7 +453,7 @@ func (w *writer) flushRun() error {
 	}
 	b, off := r.buf, r.off
 	r.buf = r.buf[:0]
-	if err := w.pwrite(r.ev, b, off); err != nil {
+	if err := w.pwrite(r.ev, b, off); err != nil && w.bugs&bugSwallowDataError == 0 {
 		return err
 	}
 	w.unsynced = true
@@ -466,7 +471,7 @@ func (w *writer) op(durable bool, fn func() error) error {
 		return err
 	}
 	durable = durable || w.writeThrough
-	w.tx = &txn{end: w.end, fileSize: w.fileSize}
+	w.tx = &txn{fileSize: w.fileSize}
 	err := fn()
 	if err == nil {
 		err = w.flushRun()
@@ -536,14 +541,21 @@ func (w *writer) rollback(tx *txn, cause error) {
 		}
 	}
 	if rerr == nil && tx.grew {
-		// Cut back to the end of the clusters the image had before the
-		// write, not to the old file size: the last of them may end past
-		// the old size (only the guest's bytes of a fresh cluster are
-		// written) and have been written in place by this call, and a cut
-		// inside it would tear a sector (new bytes, then zeros).
-		size := max(tx.end, tx.fileSize)
-		w.event(EventRollbackTruncate)
-		if rerr = w.f.Truncate(size); rerr == nil {
+		// Cut back to the first cluster boundary at or after the file's
+		// size before the write, not to the old size itself: the last
+		// cluster may end past the old size (only the guest's bytes of a
+		// fresh cluster are written) and have been written in place by
+		// this call, and a cut inside it would tear a sector (new bytes,
+		// then zeros). Clusters reserved before the write but not yet
+		// written (metadata waiting for a flush) lie beyond the cut, like
+		// everything else past the end of the file. The harness checks
+		// exactly this bound after every rollback (see package harness).
+		size := (tx.fileSize + w.cs - 1) &^ (w.cs - 1)
+		if w.bugs&bugRollbackNoTruncate == 0 {
+			w.event(EventRollbackTruncate)
+			rerr = w.f.Truncate(size)
+		}
+		if rerr == nil {
 			w.event(EventFlushToDisk)
 			rerr = w.f.Datasync()
 		}
