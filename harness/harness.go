@@ -70,7 +70,12 @@
 //     that does not wrap the injected one (faultfs.ErrInjected). After an
 //     injected fault later calls may fail (the writer may refuse writes
 //     after a failure), and the model takes every failed write as leaving
-//     each of its sectors old or new.
+//     each of its sectors old or new. No writer absorbs a failure: the
+//     qcow writer returns every one (see "Errors and rollback" in
+//     qcow/write.go). An op never issued contributes nothing: when the
+//     writable open fails, the model is the starting contents.
+//   - "check" after a rollback (see Rollback below), judged on the live
+//     file right after the failed op, before any crash state.
 //   - "open": the crash state does not open.
 //   - "check": the image structure is corrupt (qcow.CheckFile reports
 //     corruptions; leaked clusters are allowed after a crash) or cannot be
@@ -105,6 +110,36 @@
 //     workload, or on a crash state); Detail holds the panic value.
 //   - "setup": the harness itself could not build the case (an invalid
 //     Case); not a verdict on the writer.
+//
+// # Rollback
+//
+// A writer must undo a write that fails (the truncate rollback of
+// DESIGN.md), and reading back is not enough to show it did: a rollback
+// that leaves the failed write's clusters in the file reads fine. The
+// harness knows a rollback ran to its end without knowing the writer's
+// internals: a WriteAt or WriteZeroes call returned an error, exactly one
+// injected fault fired while it ran, and that fault was neither a crash
+// nor on a barrier (sync, datasync, sync_file_range, directory sync; a
+// failed barrier is final, and a fault after the first one can stop the
+// rollback half way). Then the live file (the process model's state right
+// after the call) must
+//
+//   - have no corruption (qcow.CheckFile);
+//   - be no longer than the image file was before the call, rounded up to a
+//     whole cluster (a rollback cuts the file back; the last cluster may
+//     have been only partly written before);
+//   - have no more leaked clusters than before the call;
+//
+// or, in write-through mode only, read the call's new data over its whole
+// range and have no corruption: the write took effect before the failure
+// (the qcow writer returns a failure of its stage 4, freeing replaced
+// clusters, after the write is durable; the clusters leak until the next
+// flush). A failure otherwise is of kind "check", with the op and the fault
+// in its Detail; Verdict.Rollbacks counts the calls judged. After a crash
+// during a rollback, the crash states are judged as usual: leaks allowed,
+// corruption not. (A writer that flushes earlier writes at the start of a
+// call, as the qcow writer does when its dirty caches outgrow their bounds,
+// could leak there; the harness's workloads never reach those bounds.)
 package harness
 
 import (

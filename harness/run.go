@@ -92,6 +92,9 @@ type Verdict struct {
 	// OrderingOps counts the file operations (writes and truncates of the
 	// image) judged by the ordering rules.
 	OrderingOps int `json:"ordering_ops,omitempty"`
+	// Rollbacks counts the failed writes the rollback verdict judged (see
+	// the package documentation).
+	Rollbacks int `json:"rollbacks,omitempty"`
 }
 
 const (
@@ -101,7 +104,9 @@ const (
 
 // run holds one case's recorded workload.
 type run struct {
-	c      Case
+	c Case
+	// ops are the workload ops issued to the target: none when the
+	// writable open failed (an op never issued contributes nothing).
 	ops    []Op
 	data   [][]byte         // data[i] is ops[i].Data()
 	starts []int            // starts[i]: faultfs log length when ops[i] began
@@ -110,6 +115,8 @@ type run struct {
 	base   []byte           // the disk's contents before the workload, nil for zeros
 	snaps  *model.Snapshots // the internal snapshots' frozen views, nil for none
 	tap    *tap
+	// rollbacks counts the failed ops the rollback verdict judged.
+	rollbacks int
 }
 
 // Options are ways to run a Case that do not change what it means.
@@ -144,6 +151,7 @@ func RunWith(c Case, o Options) (v Verdict) {
 	if ffs != nil {
 		v.FileOps = len(ffs.Log())
 		v.Faults = len(r.tap.faults)
+		v.Rollbacks = r.rollbacks
 	}
 	if f != nil {
 		f.Detail = shorten(f.Detail, 600)
@@ -300,8 +308,10 @@ func prepare(c Case, o Options) (r *run, ffs *faultfs.FS, cleanup func(), f *Fai
 // were failed, so the harness need not copy the op log after every op.
 type tap struct {
 	inner   faultfs.Injector
-	n       int   // file operations so far
-	faults  []int // indexes of the operations a fault fired on
+	n       int             // file operations so far
+	faults  []int           // indexes of the operations a fault fired on
+	fired   []faultfs.Fault // fired[j]: the fault injected into operation faults[j]
+	kinds   []faultfs.OpKind
 	crashed bool
 }
 
@@ -322,6 +332,8 @@ func (t *tap) MaybeInject(op faultfs.Op) faultfs.Action {
 	a := t.inner.MaybeInject(op)
 	if a.Fault != faultfs.NoFault {
 		t.faults = append(t.faults, op.Index)
+		t.fired = append(t.fired, a.Fault)
+		t.kinds = append(t.kinds, op.Kind)
 		t.crashed = t.crashed || a.Fault == faultfs.FaultCrash
 	}
 	return a
@@ -340,6 +352,19 @@ func (t *tap) len(ffs *faultfs.FS) int {
 // index at least from (every operation after a crash is faulted).
 func (t *tap) faulted(from int) bool {
 	return t.crashed || (len(t.faults) > 0 && t.faults[len(t.faults)-1] >= from)
+}
+
+// cleanFailure reports whether the faults that fired from operation from on
+// are exactly one, neither a crash nor on a barrier (sync, datasync,
+// sync_file_range, directory sync), and describes it: the faults under
+// which a writer's rollback runs to its end (see the package
+// documentation).
+func (t *tap) cleanFailure(from int) (string, bool) {
+	j, _ := slices.BinarySearch(t.faults, from)
+	if t.crashed || len(t.faults)-j != 1 || t.fired[j] == faultfs.FaultCrash || faultfs.SyncKinds.Has(t.kinds[j]) {
+		return "", false
+	}
+	return fmt.Sprintf("%s on file operation #%d (%s)", t.fired[j], t.faults[j], t.kinds[j]), true
 }
 
 // Trace is a case's recorded workload, for reports.
@@ -488,12 +513,9 @@ func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
 		if !errors.Is(err, faultfs.ErrInjected) {
 			return fail(-1, "open for writing: an injected fault gave an error that does not wrap it: %v", err)
 		}
-		// Nothing was written: every crash state must read as the start.
-		for i := range r.ops {
-			n := r.tap.len(ffs)
-			r.starts, r.ends = append(r.starts, n), append(r.ends, n)
-			r.failed[i] = true
-		}
+		// No op was issued: none contributes anything, and every crash
+		// state must read as the start.
+		r.ops, r.data, r.failed = r.ops[:0], r.data[:0], r.failed[:0]
 		return nil
 	}
 	closed := false
@@ -505,6 +527,10 @@ func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
 	for i, op := range r.ops {
 		start := r.tap.len(ffs)
 		r.starts = append(r.starts, start)
+		var sizeBefore int64 = -1
+		if r.c.Faults != "" && (op.Kind == OpWrite || op.Kind == OpZero) {
+			sizeBefore = liveSize(ffs)
+		}
 		switch op.Kind {
 		case OpWrite:
 			_, err = im.WriteAt(r.data[i], op.Off)
@@ -535,8 +561,92 @@ func (r *run) record(target Target, ffs *faultfs.FS) *Failure {
 			return fail(i, "op %d (%s) failed before any fault was injected: %v", i, op, err)
 		}
 		r.failed[i] = true
+		if fault, ok := r.tap.cleanFailure(start); ok && sizeBefore >= 0 {
+			r.rollbacks++
+			if f := r.checkRollback(ffs, i, start, sizeBefore, fault); f != nil {
+				return f
+			}
+		}
 	}
 	return nil
+}
+
+// liveSize returns the image file's live size, asked of the file system
+// under ffs so that nothing is logged (-1 when it cannot be known).
+func liveSize(ffs *faultfs.FS) int64 {
+	fi, err := ffs.Unwrap().Stat(imageName)
+	if err != nil {
+		return -1
+	}
+	return fi.Size()
+}
+
+// checkRollback is the rollback verdict on write op i, which failed with
+// one clean fault (see tap.cleanFailure) and began at file operation start
+// with the image file sizeBefore bytes long: the live file (the process
+// model's state right after the op) has no corruption, is at most
+// sizeBefore rounded up to a whole cluster, and has no more leaked
+// clusters than before the op; or, in write-through mode, reads the op's
+// new data in full (it took effect before the failure) and has no
+// corruption.
+func (r *run) checkRollback(ffs *faultfs.FS, i, start int, sizeBefore int64, fault string) *Failure {
+	op := r.ops[i]
+	fail := func(format string, args ...any) *Failure {
+		d := fmt.Sprintf("op %d (%s) failed with %s, so its rollback ran with every file operation succeeding, but the live file after it ", i, op, fault)
+		return &Failure{Kind: KindCheck, Point: -1, Op: i, Sector: -1, Detail: d + fmt.Sprintf(format, args...)}
+	}
+	live := ffs.Point().Sample(faultfs.Process, 0)
+	res, err := qcow.CheckFile(live, imageName, "")
+	if err != nil {
+		return fail("cannot be checked: %v", err)
+	}
+	if res.Corruptions > 0 {
+		return fail("is corrupt: %s", checkDetail(res))
+	}
+	if r.c.WriteThrough && r.committed(live, i) {
+		return nil
+	}
+	fi, err := live.Stat(imageName)
+	if err != nil {
+		return fail("cannot be sized: %v", err)
+	}
+	cs := r.c.ClusterSize
+	if lim := (sizeBefore + cs - 1) / cs * cs; fi.Size() > lim {
+		return fail("holds %d bytes, more than its %d bytes before the op rounded up to a cluster (%d): the rollback did not cut the file back", fi.Size(), sizeBefore, lim)
+	}
+	if res.Leaks == 0 {
+		return nil
+	}
+	before := 0
+	if p, err := ffs.Recording().Point(start); err == nil {
+		if rb, err := qcow.CheckFile(p.Sample(faultfs.Process, 0), imageName, ""); err == nil {
+			before = rb.Leaks
+		}
+	}
+	if res.Leaks > before {
+		return fail("leaks %d clusters, %d before the op: %s", res.Leaks, before, checkDetail(res))
+	}
+	return nil
+}
+
+// committed reports whether the image of fsys reads op i's new data (its
+// bytes, or zeros) over the op's whole range.
+func (r *run) committed(fsys vfs.FS, i int) bool {
+	op := r.ops[i]
+	im, err := qcow.Open(fsys, imageName, nil)
+	if err != nil {
+		return false
+	}
+	defer im.Close()
+	want := r.data[i]
+	if op.Kind == OpZero {
+		want = make([]byte, op.Len)
+	}
+	got := make([]byte, len(want))
+	if _, err := im.ReadAt(got, op.Off); err != nil {
+		return false
+	}
+	return bytes.Equal(got, want)
 }
 
 // inFlight returns the index of the workload op in flight at crash point n
