@@ -537,15 +537,20 @@ func extendUnits(fl *fileLay, pf *fileLay, ino *inode, recs []record, U int64, a
 			vers = [][]byte{v0}
 			h = hist{raw: make([]uint32, 1, len(touch[i])+1), unit: true}
 		}
-		cur := vers[h.latest()]
-		for _, ri := range touch[i] {
+		copy(scratch, vers[h.latest()])
+		for j, ri := range touch[i] {
 			r := recs[ri]
-			copy(scratch, cur)
 			s, e := max(r.off, base), min(r.end(), base+U)
 			if r.data == nil {
 				clear(scratch[s-base : e-base])
 			} else {
 				copy(scratch[s-base:e-base], r.data[s-r.off:e-r.off])
+			}
+			if j+1 < len(touch[i]) && recs[touch[i][j+1]].idx == r.idx {
+				// One operation's records (the pieces a sync_file_range
+				// left of it) change the unit at once: no version holds
+				// some of them and not the others.
+				continue
 			}
 			k := -1
 			for j, v := range vers {
@@ -562,7 +567,6 @@ func extendUnits(fl *fileLay, pf *fileLay, ino *inode, recs []record, U int64, a
 			}
 			h.raw = append(h.raw, uint32(k))
 			h.idx = append(h.idx, r.idx)
-			cur = vers[k]
 		}
 		h.n = uint32(len(vers))
 		res[i] = result{vers, h}

@@ -14,152 +14,46 @@ import (
 )
 
 // oracle is an independent, byte-array model of one file's durability, used
-// to check faultfs's crash states on random workloads: live and durable
-// bytes, the sizes a crash may leave, and for every sector the values it
-// may hold (its durable value and its value after each later change).
+// to check faultfs's crash states on random workloads: the reachability
+// oracle (reach_test.go: every byte's durable value and pending changes,
+// the sizes a crash may leave) judged sector by sector.
 type oracle struct {
-	live  []byte
-	dur   []byte // durable bytes; beyond its end, zeros
-	dsize int64
-	sizes map[int64]bool
-	cands map[int64][][]byte // sector -> possible values; absent: durable only
-	dirty map[int64]bool     // bytes written since durable
-	cut   map[int64]bool     // bytes discarded by a truncate since durable
+	*reachOracle
+	vstep int                // the step vers was computed at
+	vers  map[int64][][]byte // sector -> its possible values, memoized
 }
 
 const osec, opage = 512, 4096
 
-func newOracle() *oracle {
-	return &oracle{sizes: map[int64]bool{0: true}, cands: map[int64][][]byte{}, dirty: map[int64]bool{}, cut: map[int64]bool{}}
-}
+func newOracle() *oracle { return &oracle{reachOracle: newReachOracle()} }
 
-// sector returns sector s of b, zero-padded.
-func sector(b []byte, s int64) []byte {
-	out := make([]byte, osec)
-	if lo := s * osec; lo < int64(len(b)) {
-		copy(out, b[lo:])
-	}
-	return out
-}
-
-// changed records that [lo, hi) changed in the live file, by a write or
-// (cut) a truncate.
-func (o *oracle) changed(lo, hi int64, cut bool) {
-	for i := lo; i < hi; i++ {
-		if cut {
-			o.cut[i] = true
-		} else {
-			o.dirty[i] = true
-		}
-	}
-	for s := lo / osec; s*osec < hi; s++ {
-		if o.cands[s] == nil {
-			o.cands[s] = [][]byte{sector(o.dur, s)}
-		}
-		o.cands[s] = append(o.cands[s], sector(o.live, s))
-	}
-}
-
-func (o *oracle) write(p []byte, off int64) {
-	if end := off + int64(len(p)); end > int64(len(o.live)) {
-		o.live = append(o.live, make([]byte, end-int64(len(o.live)))...)
-		o.sizes[end] = true
-	}
-	copy(o.live[off:], p)
-	o.changed(off, off+int64(len(p)), false)
-}
-
-func (o *oracle) truncate(n int64) {
-	old := int64(len(o.live))
-	if n < old {
-		o.live = o.live[:n]
-		o.changed(n, old, true)
-	} else {
-		o.live = append(o.live, make([]byte, n-old)...)
-	}
-	o.sizes[n] = true
-}
-
-func (o *oracle) sync() {
-	o.dur = bytes.Clone(o.live)
-	o.dsize = int64(len(o.live))
-	o.sizes = map[int64]bool{o.dsize: true}
-	o.cands = map[int64][][]byte{}
-	o.dirty = map[int64]bool{}
-	o.cut = map[int64]bool{}
-}
-
-// cutIn reports whether a pending truncate discarded bytes in [lo, hi).
-func (o *oracle) cutIn(lo, hi int64) bool {
-	for i := range o.cut {
-		if i >= lo && i < hi {
-			return true
-		}
-	}
-	return false
-}
-
-func (o *oracle) durAt(i int64) byte {
-	if i < int64(len(o.dur)) {
-		return o.dur[i]
-	}
-	return 0
-}
-
-// syncRange makes [lo, hi) (whole pages) durable, or with drop reverts
-// its written bytes to the durable ones (only when no truncate is pending
-// there: the oracle does not model what a drop leaves of those).
+// syncRange makes [lo, hi) (whole pages) durable, or with drop forgets the
+// pending writes there.
 func (o *oracle) syncRange(lo, hi int64, drop bool) {
 	if drop {
-		for i := range o.dirty {
-			if i >= lo && i < hi {
-				delete(o.dirty, i)
-				if i < int64(len(o.live)) {
-					o.live[i] = o.durAt(i)
-				}
-			}
-		}
+		o.drop(lo, hi)
 	} else {
-		// Every byte of the range becomes its live value (zero beyond the
-		// live size); bytes neither written nor cut already are.
-		for i := lo; i < hi && (i < int64(len(o.live)) || i < int64(len(o.dur))); i++ {
-			v := byte(0)
-			if i < int64(len(o.live)) {
-				v = o.live[i]
-			}
-			for int64(len(o.dur)) <= i {
-				o.dur = append(o.dur, 0)
-			}
-			o.dur[i] = v
-			delete(o.dirty, i)
-			delete(o.cut, i)
-		}
+		o.reachOracle.syncRange(lo, hi)
 	}
-	for s := range o.cands {
-		if s*osec >= lo && s*osec < hi {
-			delete(o.cands, s)
-		}
-	}
-}
-
-func (o *oracle) durable() []byte {
-	b := make([]byte, o.dsize)
-	copy(b, o.dur)
-	return b
 }
 
 // allows reports whether contents b is a state the oracle allows, and why
-// not.
+// not: its size is a possible size, and each sector holds one of its
+// possible values.
 func (o *oracle) allows(b []byte) error {
 	size := int64(len(b))
-	if !o.sizes[size] {
-		return fmt.Errorf("size %d is not one of %v", size, o.sizes)
+	if !slices.Contains(o.sizeSet(), size) {
+		return fmt.Errorf("size %d is not one of %v", size, o.sizeSet())
 	}
 	for s := int64(0); s*osec < size; s++ {
 		got := b[s*osec : min(size, (s+1)*osec)]
-		cands := o.cands[s]
-		if cands == nil {
-			cands = [][]byte{sector(o.dur, s)}
+		if o.vers == nil || o.vstep != o.step {
+			o.vers, o.vstep = map[int64][][]byte{}, o.step
+		}
+		cands, memo := o.vers[s]
+		if !memo {
+			cands = o.unitVersions(s, osec)
+			o.vers[s] = cands
 		}
 		ok := false
 		for _, c := range cands {
@@ -319,9 +213,6 @@ func TestOracle(t *testing.T) {
 				check()
 			},
 			"dropped-sync": func(rt *rapid.T) {
-				if o.cutIn(0, 1<<62) {
-					rt.Skip("a truncate is pending")
-				}
 				fsys.SetInjector(faultfs.FsyncDrop)
 				err := f.Sync()
 				fsys.SetInjector(nil)
@@ -335,9 +226,6 @@ func TestOracle(t *testing.T) {
 				off := rapid.Int64Range(0, 20000).Draw(rt, "off")
 				n := rapid.Int64Range(1, 9000).Draw(rt, "n")
 				lo, hi := pageSpan(off, n)
-				if o.cutIn(lo, hi) {
-					rt.Skip("a truncate is pending in the range")
-				}
 				fsys.SetInjector(faultfs.FsyncDrop)
 				err := f.SyncRange(off, n)
 				fsys.SetInjector(nil)

@@ -212,34 +212,118 @@ func (w *world) pageSpan(off, n int64) (lo, hi int64, ok bool) {
 	return lo, hi, true
 }
 
-// flushRange makes the pending data in [lo, hi) durable, leaving the rest
-// of each record pending; sizes stay pending. With drop it instead discards
-// the written data in the range (a failed fsync's dropped dirty pages); the
-// ranges of pending truncates stay pending: a truncate is not dirty data.
+// flushRange makes the pending data in [lo, hi) durable (sync_file_range):
+// each byte whose latest pending change is a write gets that value durably,
+// and its pending history is dropped. A byte whose latest pending change is
+// a truncate's discard (a zero record) has no dirty data to write back, so
+// its history stays pending, like the size: until the truncate is durable
+// the discarded bytes may come back, with the old size. With drop it
+// instead discards the written data in the range (a failed fsync's dropped
+// dirty pages); the ranges of pending truncates stay pending: a truncate is
+// not dirty data.
 func (w *world) flushRange(ino *inode, lo, hi int64, drop bool) bool {
-	var keep []record
-	changed := false
-	for _, r := range ino.recs {
+	if drop {
+		var gone []Extent
+		for _, r := range ino.recs {
+			if s, e := max(r.off, lo), min(r.end(), hi); s < e && r.data != nil {
+				gone = append(gone, Extent{s, e - s})
+			}
+		}
+		return w.forget(ino, gone, true)
+	}
+	// Walk the records from the latest: the first one to cover a byte of
+	// the range decides it.
+	var decided, durable []Extent
+	for i := len(ino.recs) - 1; i >= 0; i-- {
+		r := ino.recs[i]
 		s, e := max(r.off, lo), min(r.end(), hi)
-		if s >= e || (drop && r.data == nil) {
+		if s >= e {
+			continue
+		}
+		for _, g := range gaps(decided, s, e) {
+			if r.data != nil {
+				ino.dur = ino.dur.write(r.slice(g.Off, g.Off+g.Len), g.Off, g.Len, w.epoch)
+				durable = append(durable, g)
+			}
+			decided = addExtent(decided, g)
+		}
+	}
+	return w.forget(ino, durable, false)
+}
+
+// forget removes from ino's pending records the bytes in the extents xs
+// (which may overlap); with dataOnly, zero records keep them.
+func (w *world) forget(ino *inode, xs []Extent, dataOnly bool) bool {
+	if len(xs) == 0 {
+		return false
+	}
+	var set []Extent
+	for _, x := range xs {
+		set = addExtent(set, x)
+	}
+	var keep []record
+	for _, r := range ino.recs {
+		if dataOnly && r.data == nil {
 			keep = append(keep, r)
 			continue
 		}
-		changed = true
-		if !drop {
-			ino.dur = ino.dur.write(r.slice(s, e), s, e-s, w.epoch)
-		}
-		if r.off < s {
-			keep = append(keep, record{idx: r.idx, off: r.off, n: s - r.off, data: r.slice(r.off, s)})
-		}
-		if e < r.end() {
-			keep = append(keep, record{idx: r.idx, off: e, n: r.end() - e, data: r.slice(e, r.end())})
+		for _, g := range gaps(set, r.off, r.end()) {
+			keep = append(keep, record{idx: r.idx, off: g.Off, n: g.Len, data: r.slice(g.Off, g.Off+g.Len)})
 		}
 	}
-	if changed {
-		ino.recs = keep
+	ino.recs = keep // a new slice: snapshots share the old one
+	return true
+}
+
+// gaps returns the parts of [s, e) that the sorted, disjoint extents xs do
+// not cover, in order.
+func gaps(xs []Extent, s, e int64) []Extent {
+	var out []Extent
+	for _, x := range xs {
+		if x.Off+x.Len <= s {
+			continue
+		}
+		if x.Off >= e {
+			break
+		}
+		if x.Off > s {
+			out = append(out, Extent{s, x.Off - s})
+		}
+		s = max(s, x.Off+x.Len)
+		if s >= e {
+			return out
+		}
 	}
-	return changed
+	if s < e {
+		out = append(out, Extent{s, e - s})
+	}
+	return out
+}
+
+// addExtent adds x to the sorted, disjoint extents xs, merging where they
+// touch, and returns the result (a new slice).
+func addExtent(xs []Extent, x Extent) []Extent {
+	out := make([]Extent, 0, len(xs)+1)
+	lo, hi := x.Off, x.Off+x.Len
+	placed := false
+	for _, y := range xs {
+		switch {
+		case y.Off+y.Len < lo:
+			out = append(out, y)
+		case y.Off > hi:
+			if !placed {
+				out = append(out, Extent{lo, hi - lo})
+				placed = true
+			}
+			out = append(out, y)
+		default:
+			lo, hi = min(lo, y.Off), max(hi, y.Off+y.Len)
+		}
+	}
+	if !placed {
+		out = append(out, Extent{lo, hi - lo})
+	}
+	return out
 }
 
 // slice returns r's data for [s, e) (nil for a zero record).
