@@ -18,8 +18,10 @@ import (
 // backing file): writes of every shape, zero writes, flushes, close and
 // reopen, injected errors and crashes followed by recovery, with a flat
 // model beside the image. After every action the image reads like the
-// model; every crash state is judged by the verdicts of DESIGN.md. More
-// cases: -rapid.checks=N (default 100 per configuration, 20 under -short).
+// model; every crash state is judged by the verdicts of DESIGN.md. It runs
+// crashRapidChecks (20) cases per configuration with or without -short
+// (TestMain makes up for rapid's dividing by 5 under -short); more:
+// -rapid.checks=N, also N with or without -short.
 func TestCrashStateMachine(t *testing.T) {
 	for _, c := range crashConfigs() {
 		t.Run(c.String(), func(t *testing.T) {

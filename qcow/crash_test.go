@@ -32,13 +32,28 @@ import (
 // with the model) by the Crash tests of this run; TestMain prints it.
 var crashStates atomic.Int64
 
+// crashRapidChecks is the number of rapid cases TestCrashStateMachine runs
+// per configuration, with or without -short and the race detector, unless
+// -rapid.checks=N (or RAPID_CHECKS=N) asks for N.
+const crashRapidChecks = 20
+
 func TestMain(m *testing.M) {
 	flag.Parse()
-	if lightTests() {
-		// Fewer rapid cases per configuration unless asked for more.
-		if f := flag.Lookup("rapid.checks"); f != nil && f.Value.String() == f.DefValue {
-			f.Value.Set("20")
+	if f := flag.Lookup("rapid.checks"); f != nil {
+		n := crashRapidChecks
+		set := os.Getenv("RAPID_CHECKS") != ""
+		flag.Visit(func(v *flag.Flag) { set = set || v == f })
+		if set {
+			n, _ = strconv.Atoi(f.Value.String())
 		}
+		// rapid.Check runs a fifth of -rapid.checks under -short: ask for
+		// five times as many, so that -short runs as many cases as a full
+		// run and the mutation score (scripts/mutation.sh, which runs the
+		// -short suite) rests on them all.
+		if testing.Short() {
+			n *= 5
+		}
+		f.Value.Set(strconv.Itoa(n))
 	}
 	code := m.Run()
 	if n := crashStates.Load(); n > 0 {
