@@ -3,11 +3,14 @@ package harness
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 
+	"github.com/qcowcrash/qcowcrash/model"
 	"github.com/qcowcrash/qcowcrash/vfs"
 )
 
@@ -54,6 +57,24 @@ func (c Case) compressedRaw() []byte {
 // buildImage makes the case's start image in mem as imageName, durably,
 // and records the disk's contents as the model's base.
 func (r *run) buildImage(mem vfs.FS) error {
+	key := fmt.Sprintf("%s/%s/%d/%d/%#x", r.c.Image, r.c.Format, r.c.ClusterSize, r.c.Size, r.c.Seed)
+	if b, ok := recipes.get(key); ok {
+		r.base, r.snaps = b.base, b.snaps
+		return installImage(mem, b.img)
+	}
+	if err := r.buildImageQemu(mem); err != nil {
+		return err
+	}
+	img, err := readAll(mem, imageName)
+	if err != nil {
+		return fmt.Errorf("image recipe: %w", err)
+	}
+	recipes.put(key, recipe{img: img, base: r.base, snaps: r.snaps})
+	return nil
+}
+
+// buildImageQemu runs the case's image recipe with qemu-img and qemu-io.
+func (r *run) buildImageQemu(mem vfs.FS) error {
 	qimg, err := exec.LookPath("qemu-img")
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrNoQemuImg, err)
@@ -111,4 +132,86 @@ func installImage(mem vfs.FS, b []byte) error {
 		return fmt.Errorf("image recipe: %w", err)
 	}
 	return nil
+}
+
+// recipe is what an image recipe made: the image file, the disk it holds
+// and its snapshots' frozen views. None of it is modified once built.
+type recipe struct {
+	img, base []byte
+	snaps     *model.Snapshots
+}
+
+// recipeCache remembers the last images built by qemu, so that shrinking
+// and repeated runs of one case (soak, repro, explore) spawn qemu-img and
+// qemu-io once per image instead of once per run. It holds at most
+// recipeCacheEntries images, and at most recipeCacheBytes bytes of images,
+// disks and views in all (the oldest are dropped first).
+type recipeCache struct {
+	mu    sync.Mutex
+	order []string
+	m     map[string]recipe
+	bytes int64
+}
+
+const (
+	recipeCacheEntries = 8
+	recipeCacheBytes   = 256 << 20
+)
+
+// size returns the bytes b holds.
+func (b recipe) size() int64 {
+	n := int64(len(b.img) + len(b.base))
+	if b.snaps != nil {
+		for _, name := range b.snaps.Names() {
+			v, _ := b.snaps.Frozen(name)
+			n += int64(len(v))
+		}
+	}
+	return n
+}
+
+var recipes = &recipeCache{m: map[string]recipe{}}
+
+func (c *recipeCache) get(key string) (recipe, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b, ok := c.m[key]
+	return b, ok
+}
+
+func (c *recipeCache) put(key string, b recipe) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.m[key]; ok {
+		return
+	}
+	if b.size() > recipeCacheBytes {
+		return
+	}
+	for len(c.order) > 0 && (len(c.order) == recipeCacheEntries || c.bytes+b.size() > recipeCacheBytes) {
+		c.bytes -= c.m[c.order[0]].size()
+		delete(c.m, c.order[0])
+		c.order = c.order[1:]
+	}
+	c.order = append(c.order, key)
+	c.m[key] = b
+	c.bytes += b.size()
+}
+
+// readAll returns the contents of the file name of fsys.
+func readAll(fsys vfs.FS, name string) ([]byte, error) {
+	f, err := fsys.Open(name, vfs.ReadOnly)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	n, err := f.Size()
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, n)
+	if _, err := f.ReadAt(b, 0); err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	return b, nil
 }
