@@ -25,7 +25,8 @@ const SteerCandidates = 16
 //     plus the cases that tried the column, so an untried model or fault
 //     kind is tried soon and one that keeps missing fades;
 //   - its features (format, model, cluster size, backing file, cache
-//     mode, fault plan shape, workload length and disk size): how much
+//     mode, fault plan shape, workload length, disk size, growing the
+//     disk, the image recipe): how much
 //     rare coverage the cases with each feature found per case (see
 //     Generate), which finds the shapes that reach rare events.
 //
@@ -252,5 +253,7 @@ func caseFeatures(c Case) []string {
 		"plan=" + plan,
 		fmt.Sprintf("ops~%d", bits.Len(uint(c.Ops))),
 		fmt.Sprintf("size~%d", bits.Len64(uint64(c.Size))),
+		fmt.Sprintf("grow=%v", c.Grow),
+		"image=" + c.Image,
 	}
 }

@@ -16,7 +16,7 @@ func init() {
 	register(&command{
 		name:    "merge",
 		args:    "[--json] [--summary FILE] SUMMARY...",
-		summary: "Merge the JSON summaries of soak shards (soak --summary FILE, or soak --json) into one report: counts, failures, the case indexes covered and the coverage table added up, as one soak over all their cases prints it; refuse summaries of different settings (seed, target, errors, fs, formats, models, steer) or of overlapping shards; exit 1 if any case failed.",
+		summary: "Merge the JSON summaries of soak shards (soak --summary FILE, or soak --json) into one report: counts, failures, the case indexes covered and the coverage table added up, as one soak over all their cases prints it; refuse summaries of different settings (seed, target, errors, fs, formats, models, steer, max-states, qemu images) or of overlapping shards; exit 1 if any case failed.",
 		flags: func(fs *flag.FlagSet) func(*cli, []string) int {
 			var out string
 			fs.StringVar(&out, "summary", "", "also write the merged summary as JSON to `FILE` (it can be merged again)")
@@ -40,6 +40,10 @@ type summaryExtra struct {
 	Formats []string `json:"formats"`
 	Models  []string `json:"models"`
 	Steer   bool     `json:"steer"`
+	// MaxStates is --max-states (-1: no limit); Qemu is whether cases on
+	// qemu-made snapshot images were drawn (qemu-img and qemu-io found).
+	MaxStates int  `json:"max_states"`
+	Qemu      bool `json:"qemu"`
 	// Runs lists the shards run and how many cases each ran: shard i/n
 	// with c cases ran case indexes i, i+n, ..., i+(c-1)n of the seed.
 	Runs []summaryRun `json:"runs"`
@@ -57,8 +61,8 @@ type summaryRun struct {
 }
 
 // soakExtra returns the merge part of a soak run's summary.
-func soakExtra(o soakOptions, cases int64, cov *harness.Coverage) summaryExtra {
-	e := summaryExtra{Formats: slices.Clone(o.formats), Steer: o.steer, Coverage: cov}
+func soakExtra(o soakOptions, sp harness.Space, cases int64, cov *harness.Coverage) summaryExtra {
+	e := summaryExtra{Formats: slices.Clone(o.formats), Steer: o.steer, MaxStates: o.maxStates, Qemu: sp.Qemu, Coverage: cov}
 	var tmp soakSummary
 	tmp.setRuns([]summaryRun{{o.shard.String(), cases}})
 	e.Runs, e.Covered = tmp.Runs, tmp.Covered
@@ -187,12 +191,13 @@ func mergeSummaries(names []string, sums []soakSummary) (soakSummary, error) {
 		Seed: first.Seed, Target: first.Target, Errors: first.Errors, FS: first.FS,
 		Failures: []soakFailure{},
 	}
-	m.Formats, m.Models, m.Steer = first.Formats, first.Models, first.Steer
+	m.Formats, m.Models, m.Steer, m.MaxStates, m.Qemu = first.Formats, first.Models, first.Steer, first.MaxStates, first.Qemu
 	m.Coverage = &harness.Coverage{}
 	settings := func(s soakSummary) []struct{ name, v string } {
 		return []struct{ name, v string }{
 			{"seed", s.Seed}, {"target", s.Target}, {"errors", fmt.Sprint(s.Errors)}, {"fs", s.FS},
 			{"formats", strings.Join(s.Formats, ",")}, {"models", strings.Join(s.Models, ",")}, {"steer", fmt.Sprint(s.Steer)},
+			{"max_states", fmt.Sprint(s.MaxStates)}, {"qemu", fmt.Sprint(s.Qemu)},
 		}
 	}
 	want := settings(first)
@@ -281,8 +286,8 @@ func (c *cli) merge(paths []string, out string, asJSON bool) int {
 		for i, p := range paths {
 			fmt.Fprintf(&b, " %s (%s, %d cases)", printable(p), printable(sums[i].Shard), sums[i].Cases)
 		}
-		fmt.Fprintf(&b, "\nmerged: seed=%s target=%s errors=%v fs=%s formats=%s models=%s steer=%v covered case indexes %s\n",
-			m.Seed, m.Target, m.Errors, m.FS, strings.Join(m.Formats, ","), strings.Join(m.Models, ","), m.Steer, m.Covered)
+		fmt.Fprintf(&b, "\nmerged: seed=%s target=%s errors=%v fs=%s formats=%s models=%s steer=%v max-states=%d qemu=%v covered case indexes %s\n",
+			m.Seed, m.Target, m.Errors, m.FS, strings.Join(m.Formats, ","), strings.Join(m.Models, ","), m.Steer, m.MaxStates, m.Qemu, m.Covered)
 		io.WriteString(c.stdout, b.String())
 		printSoakSummary(c.stdout, "merged", m)
 	}

@@ -99,12 +99,18 @@ func TestMergeShardsEqualOneRun(t *testing.T) {
 		}
 		return p(name)
 	}
+	qemuOn, qemuOff := `"qemu": true`, `"qemu": false`
+	if !strings.Contains(string(raw), qemuOn) {
+		qemuOn, qemuOff = qemuOff, qemuOn
+	}
 	for _, x := range []struct{ file, want string }{
 		{edit("seed.json", `"seed": "0x5eed"`, `"seed": "0x5eee"`), `seed "0x5eee" differs`},
 		{edit("target.json", `"target": "qcow-nobarrier"`, `"target": "qcow"`), `target "qcow" differs`},
 		{edit("errors.json", `"errors": true`, `"errors": false`), `errors "false" differs`},
 		{edit("models.json", `"models": [`, `"models": ["garbage",`), `models "garbage,`},
 		{edit("formats.json", `"v2",`, ``), `formats "v3" differs`},
+		{edit("maxstates.json", `"max_states": -1`, `"max_states": 0`), `max_states "0" differs`},
+		{edit("qemu.json", qemuOn, qemuOff), `qemu "` + qemuOff[8:] + `" differs`},
 		{edit("split.json", `"shard": "1/2",`+"\n      \"cases\"", `"shard": "1/3",`+"\n      \"cases\""), "not of the split into 2 shards"},
 		{p("a.json"), "also ran in"},
 		{edit("runs.json", `"cases": 5,`, `"cases": 6,`), "cases 6, but its runs hold 5"},

@@ -278,7 +278,7 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 	if sum.Failures == nil {
 		sum.Failures = []soakFailure{}
 	}
-	sum.summaryExtra = soakExtra(o, sum.Cases, cov)
+	sum.summaryExtra = soakExtra(o, sp, sum.Cases, cov)
 	if o.summary != "" {
 		if err := writeSummary(o.summary, sum); err != nil {
 			return c.fail("soak: --summary: %v", err)
