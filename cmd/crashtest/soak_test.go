@@ -99,7 +99,7 @@ func TestSoakDeterministic(t *testing.T) {
 var reproRE = regexp.MustCompile(`repro: crashtest repro (\S+)`)
 
 func TestSoakBrokenTargetAndRepro(t *testing.T) {
-	r := execCLI("soak", "--target", "qcow-nobarrier", "--models", "torn", "--cases", "2", "--seed", "1", "--workers", "1", "--json")
+	r := execCLI("soak", "--target", "qcow-nobarrier", "--models", "torn", "--cases", "2", "--seed", "1", "--duration", "0", "--workers", "1", "--json")
 	if r.code != 1 {
 		t.Fatalf("soak against qcow-nobarrier: exit %d, want 1:\n%v", r.code, r)
 	}
@@ -117,7 +117,7 @@ func TestSoakBrokenTargetAndRepro(t *testing.T) {
 	}
 
 	// The text form prints the same failure with its repro command.
-	txt := execCLI("soak", "--target", "qcow-nobarrier", "--models", "torn", "--cases", "2", "--seed", "1", "--workers", "2")
+	txt := execCLI("soak", "--target", "qcow-nobarrier", "--models", "torn", "--cases", "2", "--seed", "1", "--duration", "0", "--workers", "2")
 	m := reproRE.FindStringSubmatch(txt.stdout)
 	if txt.code != 1 || m == nil || m[1] != f.ID {
 		t.Fatalf("text soak does not print the repro of %s:\n%v", f.ID, txt)
