@@ -133,7 +133,7 @@ func TestCrashOrderingOurWriter(t *testing.T) {
 	if testing.Short() {
 		n = 60
 	}
-	var judged, truncates, faulted int
+	var judged, truncates, rollbackWrites, faulted int
 	for k := range n {
 		c := Generate(CaseSeed(33, uint64(k)), Space{Errors: k%3 != 0, MaxOps: 24})
 		c.Format = Formats[k%3]
@@ -153,11 +153,14 @@ func TestCrashOrderingOurWriter(t *testing.T) {
 				if op.Kind == faultfs.OpTruncate && op.Path == imageName {
 					truncates++
 				}
+				if op.Kind == faultfs.OpWrite && strings.HasPrefix(op.Label, "rollback") {
+					rollbackWrites++
+				}
 			}
 		}
 	}
-	t.Logf("%d cases, %d with faults, %d file ops judged, %d truncates (rollbacks)", n, faulted, judged, truncates)
-	if judged < n || faulted == 0 || truncates == 0 {
+	t.Logf("%d cases, %d with faults, %d file ops judged, %d truncates, %d rollback writes", n, faulted, judged, truncates, rollbackWrites)
+	if judged < n || faulted == 0 || truncates == 0 || rollbackWrites == 0 {
 		t.Fatalf("the cases did not exercise the rules: %d ops judged, %d faulted cases, %d truncates", judged, faulted, truncates)
 	}
 }

@@ -645,6 +645,16 @@ func (w *writer) writeStages() error {
 			return err
 		}
 	}
+	// The new L2 tables are durable now. From here on a pointer to one may
+	// reach the disk even if the flush fails (a torn or failed L1 write
+	// can land), so they become existing tables: a retry updates them in
+	// place after its barrier instead of rewriting them whole, before it,
+	// with entries that point at data not yet durable.
+	for _, off := range l2Offs {
+		if d := w.l2[off]; d.isNew {
+			d.isNew, d.lo, d.hi = false, 0, 0
+		}
+	}
 
 	// Stage 2: the refcount table points at the new blocks.
 	if rc != nil {
@@ -1226,7 +1236,11 @@ func (w *writer) setL2(toff uint64, t []uint64, i int64, v uint64) {
 		w.remember(func() { delete(w.l2, toff) })
 	} else if !d.isNew {
 		lo, hi := d.lo, d.hi
-		d.lo, d.hi = min(d.lo, int(i)), max(d.hi, int(i)+1)
+		if d.hi == 0 { // clean: a new table already written whole
+			d.lo, d.hi = int(i), int(i)+1
+		} else {
+			d.lo, d.hi = min(d.lo, int(i)), max(d.hi, int(i)+1)
+		}
 		w.remember(func() { d.lo, d.hi = lo, hi })
 	}
 	old := t[i]
