@@ -167,7 +167,7 @@ func exFaultRun(t testing.TB, w exWorkload, bugs writerBugs) error {
 			case err != nil && hitNow && op.kind != "flush":
 				// One EIO on a file operation that is not a barrier, and
 				// nothing else failed: the rollback ran to its end.
-				if err := live.verdict(mem, w.through, op); err != nil {
+				if err := live.verdict(mem, w.through, op.off, exWant(op)); err != nil {
 					return fmt.Errorf("%s: op %d (%s): %w", id, i, op.kind, err)
 				}
 			}
@@ -257,7 +257,7 @@ type crashLive struct {
 
 // crashLiveBefore reads the size and leaks of "img" in fsys (the FS under
 // faultfs, so that nothing is logged and no fault can fire).
-func crashLiveBefore(t testing.TB, fsys vfs.FS, cs int64) crashLive {
+func crashLiveBefore(t crashTB, fsys vfs.FS, cs int64) crashLive {
 	t.Helper()
 	fi, err := fsys.Stat("img")
 	if err != nil {
@@ -278,7 +278,7 @@ func crashLiveBefore(t testing.TB, fsys vfs.FS, cs int64) crashLive {
 // longer than its size before the call rounded up to a whole cluster. In
 // write-through mode a call whose data reads back in full took effect before
 // the failure (a failed stage 4): then only corruption counts.
-func (l crashLive) verdict(fsys vfs.FS, through bool, op exOp) error {
+func (l crashLive) verdict(fsys vfs.FS, through bool, off int64, want []byte) error {
 	res, err := CheckFile(fsys, "img", "")
 	if err != nil {
 		return verdictf("check", "after the rollback: %w", err)
@@ -286,7 +286,7 @@ func (l crashLive) verdict(fsys vfs.FS, through bool, op exOp) error {
 	if res.Corruptions > 0 || res.CheckErrors > 0 {
 		return verdictf("check", "after the rollback: %d corruptions, %d check errors: %s", res.Corruptions, res.CheckErrors, crashFindings(res))
 	}
-	if through && crashCommitted(fsys, op) {
+	if through && crashCommitted(fsys, off, want) {
 		return nil
 	}
 	fi, err := fsys.Stat("img")
@@ -302,21 +302,24 @@ func (l crashLive) verdict(fsys vfs.FS, through bool, op exOp) error {
 	return nil
 }
 
-// crashCommitted reports whether the image "img" of fsys reads op's data
-// (a write's bytes, or zeros) over its whole range.
-func crashCommitted(fsys vfs.FS, op exOp) bool {
+// crashCommitted reports whether the image "img" of fsys reads want at off.
+func crashCommitted(fsys vfs.FS, off int64, want []byte) bool {
 	im, err := Open(fsys, "img", nil)
 	if err != nil {
 		return false
 	}
 	defer im.Close()
-	got := make([]byte, op.n)
-	if _, err := im.ReadAt(got, op.off); err != nil {
+	got := make([]byte, len(want))
+	if _, err := im.ReadAt(got, off); err != nil {
 		return false
 	}
-	want := make([]byte, op.n)
-	if op.kind == "write" {
-		want = crashData(op.n, op.seed)
-	}
 	return bytes.Equal(got, want)
+}
+
+// exWant returns what the write op leaves in its range: its data, or zeros.
+func exWant(op exOp) []byte {
+	if op.kind == "write" {
+		return crashData(op.n, op.seed)
+	}
+	return make([]byte, op.n)
 }

@@ -292,7 +292,9 @@ func (h *hitInjector) MaybeInject(op faultfs.Op) faultfs.Action {
 // short write, tear then fail, fsync that drops dirty data) armed on one
 // of its next file operations. If the fault fires the call must fail with
 // an error wrapping it; the model records a failed write (old or new data);
-// after a failed barrier the image must refuse writes until reopened.
+// after a failed barrier the image must refuse writes until reopened; after
+// a write that failed on any other file operation the live file must pass
+// the rollback verdict (crashLive.verdict).
 func (sm *crashMachine) Inject(t *rapid.T) {
 	if sm.failedSync {
 		t.Skip("the image already refuses writes")
@@ -356,6 +358,15 @@ func (sm *crashMachine) Inject(t *rapid.T) {
 			t.Fatalf("%s: model: %v", sm.id(), err)
 		}
 	}
+	// The rollback verdict applies when a write fails with this one fault
+	// and the fault is not on a barrier; not when the write first flushes
+	// earlier writes to relieve the caches (a failed flush is not rolled
+	// back: it is retried, and leaks until then).
+	var live crashLive
+	rollback := op != "flush" && !sm.im.w.overBounds()
+	if rollback {
+		live = crashLiveBefore(t, sm.ffs.Unwrap(), sm.cs)
+	}
 	sm.ffs.SetInjector(inj)
 	if op == "flush" {
 		err = sm.im.Flush()
@@ -380,6 +391,16 @@ func (sm *crashMachine) Inject(t *rapid.T) {
 		switch inj.hit.Kind {
 		case faultfs.OpSync, faultfs.OpDatasync, faultfs.OpSyncRange:
 			sm.failedSync = true
+		default:
+			if rollback {
+				want := p
+				if want == nil {
+					want = make([]byte, n)
+				}
+				if err := live.verdict(sm.ffs.Unwrap(), sm.through, off, want); err != nil {
+					t.Fatalf("%s: %s: %v", id, what, err)
+				}
+			}
 		}
 	}
 	if inj.hit != nil && inj.act.Fault == faultfs.FaultShortWrite && inj.hit.Kind == faultfs.OpWrite && op != "flush" && !sm.failedSync {

@@ -128,7 +128,7 @@ func rollbackFaultRun(t *testing.T, w exWorkload, k, j int, act faultfs.Action, 
 			// comes after it, so it has not fired at all yet): the
 			// rollback ran to its end, and the rollback verdict applies.
 			if second.hit == nil && op.kind != "flush" {
-				if err := live.verdict(mem, w.through, op); err != nil {
+				if err := live.verdict(mem, w.through, op.off, exWant(op)); err != nil {
 					return res, fmt.Errorf("%s: op %d (%s): %w", id, i, op.kind, err)
 				}
 			}

@@ -497,8 +497,17 @@ func (w *writer) op(durable bool, fn func() error) error {
 // relieve flushes metadata in write-back mode when the dirty tables exceed
 // their cache sizes, so that they stay bounded.
 func (w *writer) relieve() error {
-	if w.writeThrough || w.raw {
+	if !w.overBounds() {
 		return nil
+	}
+	return w.flush()
+}
+
+// overBounds reports whether, in write-back mode, the dirty tables exceed
+// their cache sizes, so that the next write flushes first.
+func (w *writer) overBounds() bool {
+	if w.writeThrough || w.raw {
+		return false
 	}
 	over := int64(len(w.l2))*w.im.l2Bytes() > w.l2Limit
 	if !over && w.rc != nil {
@@ -506,10 +515,7 @@ func (w *writer) relieve() error {
 		// big is mostly dirty blocks.
 		over = len(w.rc.blocks) >= 2*w.rc.limit
 	}
-	if !over {
-		return nil
-	}
-	return w.flush()
+	return over
 }
 
 // rollback undoes the transaction tx after cause made it fail.

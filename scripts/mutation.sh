@@ -8,7 +8,8 @@
 #
 #	go test -count=1 -short -run Crash ./qcow
 #
-# (the Crash tests in their -short amount, a few seconds per run), restricted
+# (the Crash tests in their -short amount, a few seconds per run; the rapid
+# state machines run as many cases as without -short), restricted
 # through GOFLAGS, which gremlins passes on to every `go test` it runs. A
 # mutant is killed when the suite fails or times out; it survives when the
 # suite passes (LIVED) or never executes the mutated line (NOT COVERED).
