@@ -244,15 +244,7 @@ func mergeSummaries(names []string, sums []soakSummary) (soakSummary, error) {
 	if m.ElapsedSeconds > 0 {
 		m.StatesPerSec = float64(m.States) / m.ElapsedSeconds
 	}
-	slices.SortStableFunc(m.Failures, func(a, b soakFailure) int {
-		switch {
-		case a.Index < b.Index:
-			return -1
-		case a.Index > b.Index:
-			return 1
-		}
-		return 0
-	})
+	slices.SortStableFunc(m.Failures, byIndex)
 	return m, nil
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -260,15 +261,7 @@ func (c *cli) soak(ctx context.Context, o soakOptions) int {
 	close(done)
 	pwg.Wait()
 	el := time.Since(start)
-	slices.SortFunc(failures, func(a, b soakFailure) int {
-		switch {
-		case a.Index < b.Index:
-			return -1
-		case a.Index > b.Index:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(failures, byIndex)
 	sum := soakSummary{
 		Seed: seedStr, Shard: o.shard.String(), Target: sp.Target, Errors: o.errors, FS: o.fs.String(),
 		Cases: cases.Load(), Points: points.Load(), States: states.Load(),
@@ -541,3 +534,6 @@ func statesOptions(o harness.Options, n int) harness.Options {
 	}
 	return o
 }
+
+// byIndex orders failures by their case index.
+func byIndex(a, b soakFailure) int { return cmp.Compare(a.Index, b.Index) }
