@@ -460,7 +460,8 @@ func (im *Image) openBacking(o Options, depth int, seen map[string]bool) error {
 	return nil
 }
 
-// Size returns the virtual size of the disk in bytes.
+// Size returns the virtual size of the disk in bytes: for QCOW images the
+// header's size rounded down to a multiple of 512, as qemu reads it.
 func (im *Image) Size() int64 {
 	if w := im.w; w != nil {
 		w.mu.RLock()
@@ -474,7 +475,10 @@ func (im *Image) size() int64 {
 	if im.h == nil {
 		return im.fileSize
 	}
-	return int64(im.h.size)
+	// qemu counts a QCOW disk in 512-byte sectors (total_sectors =
+	// size / 512): a header size that is not a multiple of 512 is rounded
+	// down, and the bytes past it can be neither read nor written.
+	return int64(im.h.size) &^ 511
 }
 
 // Format returns the image format.
