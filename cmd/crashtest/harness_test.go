@@ -17,7 +17,7 @@ import (
 
 var shrunkRE = regexp.MustCompile(`shrunk from (\d+) to (\d+) ops: crashtest repro (\S+)`)
 
-// TestSoakOutShrinkSaveRepro walks the worked example of the README: a
+// TestSoakOutShrinkSaveRepro walks the worked example of docs/worked-example.md: a
 // soak against a broken target fails; every failure is shrunk and written
 // to --out as a corpus entry and a report; repro of the printed ID
 // reproduces the verdict and the first differing sector; repro --shrink
